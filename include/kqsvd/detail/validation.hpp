@@ -1,0 +1,60 @@
+// kqsvd/detail/validation.hpp -- argument checks shared by the public entry points.
+//
+// Every check throws kqsvd::InvalidArgument with a message of the form
+//   "<function>: argument '<name>' <what was wrong>"
+// so that a user reading the message knows which call and which argument to fix.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "kqsvd/error.hpp"
+
+namespace kqsvd::detail {
+
+inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
+  std::ostringstream out;
+  out << rows << " x " << cols;
+  return out.str();
+}
+
+[[noreturn]] inline void throw_invalid(const char* function, const char* argument, const std::string& problem) {
+  throw InvalidArgument(std::string(function) + ": argument '" + argument + "' " + problem);
+}
+
+inline void require_columns(const char* function, const char* argument, Eigen::Index cols, Eigen::Index expected,
+                            const char* expected_meaning = "the head dimension") {
+  if (cols != expected) {
+    std::ostringstream out;
+    out << "has " << cols << " columns, expected " << expected << " (" << expected_meaning << ")";
+    throw_invalid(function, argument, out.str());
+  }
+}
+
+inline void require_square(const char* function, const char* argument, Eigen::Index rows, Eigen::Index cols) {
+  if (rows != cols || rows == 0) {
+    throw_invalid(function, argument, "must be a non-empty square matrix, got " + shape_string(rows, cols));
+  }
+}
+
+// Reports the first non-finite entry by position; rows are tokens, so the row index is the token.
+template <typename Derived>
+void require_finite(const char* function, const char* argument, const Eigen::DenseBase<Derived>& x) {
+  if (x.allFinite()) return;
+  for (Eigen::Index i = 0; i < x.rows(); ++i) {
+    for (Eigen::Index j = 0; j < x.cols(); ++j) {
+      using std::isfinite;
+      if (!isfinite(static_cast<double>(x(i, j)))) {
+        std::ostringstream out;
+        out << "contains a non-finite value (" << static_cast<double>(x(i, j)) << ") at row " << i << ", column "
+            << j;
+        throw_invalid(function, argument, out.str());
+      }
+    }
+  }
+}
+
+}  // namespace kqsvd::detail

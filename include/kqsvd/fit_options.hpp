@@ -1,0 +1,27 @@
+// kqsvd/fit_options.hpp -- knobs shared by the projection solvers; the defaults are what the paper does.
+//
+//   kqsvd::FitOptions options;
+//   options.balance = 2.0;                                   // Eigen Attention's a
+//   options.svd = kqsvd::SvdAlgorithm::jacobi;               // most accurate, slowest
+//   auto proj = kqsvd::fit_projection<float>(method, keys, queries, rank, options);
+#pragma once
+
+namespace kqsvd {
+
+// How KQ-SVD takes the SVD of the d x d core matrix L_K^T L_Q.
+enum class SvdAlgorithm {
+  divide_and_conquer,  // Eigen::BDCSVD: backward stable, fast for d >= 64
+  jacobi,              // Eigen::JacobiSVD: highest relative accuracy on tiny singular values
+};
+
+struct FitOptions {
+  // Eigen Attention's balance factor a: the basis is that of the stacked [a K; Q / a], i.e. the top
+  // eigenvectors of a^2 G_K + G_Q / a^2. Defined once here (the authors' script applies it twice).
+  double balance = 1.0;
+  // Eigenvalues of a unit-diagonal-scaled Gram below range_tolerance * (largest) are treated as zero;
+  // 0 selects d * machine epsilon.
+  double range_tolerance = 0.0;
+  SvdAlgorithm svd = SvdAlgorithm::divide_and_conquer;
+};
+
+}  // namespace kqsvd

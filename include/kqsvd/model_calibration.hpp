@@ -1,0 +1,98 @@
+// kqsvd/model_calibration.hpp -- calibration Grams for every layer and KV head of a model.
+//
+// Per (layer, KV head): the Gram of its keys, of its values, and of the queries of all query heads it
+// serves (stacked, which is the exact GQA objective). Blocks are added as the model computes them: a
+// layer's queries as T x (query_heads * head_dim), keys and values as T x (kv_heads * head_dim), head
+// after head along the columns. Calibrations of separate shards merge exactly.
+//
+//   kqsvd::ModelCalibration calibration(shape);
+//   for (each sequence, each layer l) calibration.add(l, q, k, v);
+//   auto projections = kqsvd::ModelProjections<float>::fit(calibration, o_proj_weights, spec);
+#pragma once
+
+#include <Eigen/Core>
+
+#include <string>
+#include <vector>
+
+#include "kqsvd/gram_accumulator.hpp"
+#include "kqsvd/model_shape.hpp"
+
+namespace kqsvd {
+
+class ModelCalibration {
+ public:
+  using Index = Eigen::Index;
+
+  explicit ModelCalibration(const ModelShape& shape) : shape_(validated(shape)) {
+    const auto heads = static_cast<std::size_t>(shape.layers * shape.kv_heads);
+    keys_.assign(heads, GramAccumulator(shape.head_dim));
+    queries_.assign(heads, GramAccumulator(shape.head_dim));
+    values_.assign(heads, GramAccumulator(shape.head_dim));
+  }
+
+  const ModelShape& shape() const { return shape_; }
+
+  GramAccumulator& keys(Index layer, Index kv_head) { return keys_[slot("keys", layer, kv_head)]; }
+  GramAccumulator& queries(Index layer, Index kv_head) { return queries_[slot("queries", layer, kv_head)]; }
+  GramAccumulator& values(Index layer, Index kv_head) { return values_[slot("values", layer, kv_head)]; }
+  const GramAccumulator& keys(Index layer, Index kv_head) const { return keys_[slot("keys", layer, kv_head)]; }
+  const GramAccumulator& queries(Index layer, Index kv_head) const { return queries_[slot("queries", layer, kv_head)]; }
+  const GramAccumulator& values(Index layer, Index kv_head) const { return values_[slot("values", layer, kv_head)]; }
+
+  // One block of T tokens of one layer, heads side by side along the columns.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  void add(Index layer, const Eigen::MatrixBase<DerivedQ>& queries, const Eigen::MatrixBase<DerivedK>& keys,
+           const Eigen::MatrixBase<DerivedV>& values) {
+    constexpr const char* where = "kqsvd::ModelCalibration::add";
+    shape_.require_layer(where, layer);
+    const Index d = shape_.head_dim;
+    detail::require_columns(where, "queries", queries.cols(), shape_.query_heads * d, "query_heads x head_dim");
+    detail::require_columns(where, "keys", keys.cols(), shape_.kv_heads * d, "kv_heads x head_dim");
+    detail::require_columns(where, "values", values.cols(), shape_.kv_heads * d, "kv_heads x head_dim");
+    if (keys.rows() != queries.rows() || values.rows() != queries.rows()) {
+      detail::throw_invalid(where, "keys/values", "must have as many rows (tokens) as queries");
+    }
+    // Validate everything first so a rejected block leaves no head half-updated.
+    detail::require_finite(where, "queries", queries);
+    detail::require_finite(where, "keys", keys);
+    detail::require_finite(where, "values", values);
+    for (Index h = 0; h < shape_.kv_heads; ++h) {
+      this->keys(layer, h).add(keys.middleCols(h * d, d));
+      this->values(layer, h).add(values.middleCols(h * d, d));
+    }
+    for (Index h = 0; h < shape_.query_heads; ++h) {
+      this->queries(layer, shape_.kv_head_of(h)).add(queries.middleCols(h * d, d));
+    }
+  }
+
+  ModelCalibration& merge(const ModelCalibration& other) {
+    if (other.shape_ != shape_) {
+      throw InvalidArgument("kqsvd::ModelCalibration::merge: argument 'other' has a different model shape");
+    }
+    for (std::size_t i = 0; i < keys_.size(); ++i) {
+      keys_[i].merge(other.keys_[i]);
+      queries_[i].merge(other.queries_[i]);
+      values_[i].merge(other.values_[i]);
+    }
+    return *this;
+  }
+
+ private:
+  static const ModelShape& validated(const ModelShape& shape) {
+    shape.validate();
+    return shape;
+  }
+
+  std::size_t slot(const char* which, Index layer, Index kv_head) const {
+    const std::string where = std::string("kqsvd::ModelCalibration::") + which;
+    shape_.require_layer(where.c_str(), layer);
+    shape_.require_kv_head(where.c_str(), kv_head);
+    return static_cast<std::size_t>(layer * shape_.kv_heads + kv_head);
+  }
+
+  ModelShape shape_;
+  std::vector<GramAccumulator> keys_, queries_, values_;
+};
+
+}  // namespace kqsvd

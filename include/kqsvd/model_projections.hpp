@@ -1,0 +1,131 @@
+// kqsvd/model_projections.hpp -- key and value projections for every layer and KV head of a model,
+// and what the compressed cache costs in bytes.
+//
+//   kqsvd::ModelCalibration calibration(shape);  ... calibration.add(layer, q, k, v) ...
+//   std::vector<Eigen::MatrixXf> o_proj = ...;   // per layer, hidden x (query_heads * head_dim)
+//   auto model = kqsvd::ModelProjections<float>::fit(calibration, o_proj, kqsvd::Method::kq_svd,
+//                                                    kqsvd::RankSelection::fixed(16),          // keys
+//                                                    kqsvd::RankSelection::error_budget(0.05)); // values
+//   const auto& key_proj = model.keys(layer, kv_head);
+//   kqsvd::CacheFootprint bytes = model.footprint(/*bytes_per_element=*/2);   // fp16 latents
+//   bytes.ratio();   // latent bytes / full-cache bytes per token
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kqsvd/fit.hpp"
+#include "kqsvd/model_calibration.hpp"
+#include "kqsvd/model_shape.hpp"
+#include "kqsvd/output_projection.hpp"
+
+namespace kqsvd {
+
+struct CacheFootprint {
+  std::int64_t latent_bytes_per_token = 0;  // what the compressed cache stores per token (all layers, KV heads)
+  std::int64_t full_bytes_per_token = 0;    // the uncompressed cache, same element size
+  std::int64_t projection_bytes = 0;        // one-off: A and B of every key and value projection
+  double ratio() const {
+    return full_bytes_per_token == 0 ? 0.0
+                                     : static_cast<double>(latent_bytes_per_token) / static_cast<double>(full_bytes_per_token);
+  }
+};
+
+template <typename Scalar = float>
+class ModelProjections {
+ public:
+  using Index = Eigen::Index;
+  using Projection = LowRankProjection<Scalar>;
+
+  // Projections indexed [layer * kv_heads + kv_head].
+  ModelProjections(const ModelShape& shape, std::vector<Projection> keys, std::vector<Projection> values)
+      : shape_(shape), keys_(std::move(keys)), values_(std::move(values)) {
+    shape_.validate();
+    const auto heads = static_cast<std::size_t>(shape_.layers * shape_.kv_heads);
+    if (keys_.size() != heads || values_.size() != heads) {
+      detail::throw_invalid("kqsvd::ModelProjections", "keys/values",
+                            "must hold layers x kv_heads = " + std::to_string(heads) + " projections each");
+    }
+    for (std::size_t i = 0; i < heads; ++i) {
+      if (keys_[i].dimension() != shape_.head_dim || values_[i].dimension() != shape_.head_dim) {
+        detail::throw_invalid("kqsvd::ModelProjections", "keys/values",
+                              "projection " + std::to_string(i) + " is not of head_dim " + std::to_string(shape_.head_dim));
+      }
+    }
+  }
+
+  // output_weights: per layer, o_proj.weight (hidden x query_heads*head_dim). Needed when the value
+  // method is KQ-SVD; may be empty otherwise (values then use V-SVD for every method).
+  template <typename WeightMatrix>
+  static ModelProjections fit(const ModelCalibration& calibration, const std::vector<WeightMatrix>& output_weights,
+                              Method method, const RankSelection& key_rank, const RankSelection& value_rank,
+                              const FitOptions& options = {},
+                              GroupCombination combination = GroupCombination::concatenate) {
+    constexpr const char* where = "kqsvd::ModelProjections::fit";
+    const ModelShape& shape = calibration.shape();
+    const bool needs_weights = method == Method::kq_svd;
+    if (needs_weights && static_cast<Index>(output_weights.size()) != shape.layers) {
+      detail::throw_invalid(where, "output_weights",
+                            "holds " + std::to_string(output_weights.size()) + " matrices; KQ-SVD for values needs one " +
+                                "o_proj weight per layer (" + std::to_string(shape.layers) + ")");
+    }
+    std::vector<Projection> keys, values;
+    keys.reserve(static_cast<std::size_t>(shape.layers * shape.kv_heads));
+    values.reserve(keys.capacity());
+    for (Index l = 0; l < shape.layers; ++l) {
+      if (needs_weights && output_weights[static_cast<std::size_t>(l)].cols() != shape.query_heads * shape.head_dim) {
+        detail::throw_invalid(where, "output_weights",
+                              "layer " + std::to_string(l) + " has " +
+                                  std::to_string(output_weights[static_cast<std::size_t>(l)].cols()) +
+                                  " columns, expected query_heads x head_dim = " +
+                                  std::to_string(shape.query_heads * shape.head_dim));
+      }
+      for (Index h = 0; h < shape.kv_heads; ++h) {
+        keys.push_back(fit_projection<Scalar>(method, calibration.keys(l, h), calibration.queries(l, h), key_rank, options));
+        const Eigen::MatrixXd output_gram =
+            needs_weights ? output_projection_gram(output_weights[static_cast<std::size_t>(l)], shape.head_dim,
+                                                   shape.first_query_head_of(h), shape.group_size(), combination)
+                          : Eigen::MatrixXd::Zero(shape.head_dim, shape.head_dim);
+        values.push_back(fit_value_projection<Scalar>(method, calibration.values(l, h), output_gram, value_rank, options));
+      }
+    }
+    return ModelProjections(shape, std::move(keys), std::move(values));
+  }
+
+  const ModelShape& shape() const { return shape_; }
+  const Projection& keys(Index layer, Index kv_head) const { return keys_[slot("keys", layer, kv_head)]; }
+  const Projection& values(Index layer, Index kv_head) const { return values_[slot("values", layer, kv_head)]; }
+
+  // Bytes per cached token when latents are stored with bytes_per_element each (4 for float32, 2 for
+  // float16/bfloat16); the full cache is costed at the same element size.
+  CacheFootprint footprint(Index bytes_per_element = sizeof(Scalar)) const {
+    if (bytes_per_element <= 0) {
+      detail::throw_invalid("kqsvd::ModelProjections::footprint", "bytes_per_element",
+                            "must be positive, got " + std::to_string(bytes_per_element));
+    }
+    CacheFootprint footprint;
+    for (std::size_t i = 0; i < keys_.size(); ++i) {
+      footprint.latent_bytes_per_token += (keys_[i].rank() + values_[i].rank()) * bytes_per_element;
+      footprint.projection_bytes += static_cast<std::int64_t>(sizeof(Scalar)) * 2 * shape_.head_dim *
+                                    (keys_[i].rank() + values_[i].rank());
+    }
+    footprint.full_bytes_per_token = static_cast<std::int64_t>(keys_.size()) * 2 * shape_.head_dim * bytes_per_element;
+    return footprint;
+  }
+
+ private:
+  std::size_t slot(const char* which, Index layer, Index kv_head) const {
+    const std::string where = std::string("kqsvd::ModelProjections::") + which;
+    shape_.require_layer(where.c_str(), layer);
+    shape_.require_kv_head(where.c_str(), kv_head);
+    return static_cast<std::size_t>(layer * shape_.kv_heads + kv_head);
+  }
+
+  ModelShape shape_;
+  std::vector<Projection> keys_, values_;
+};
+
+}  // namespace kqsvd

@@ -1,0 +1,60 @@
+// kqsvd/output_projection.hpp -- the value side's second Gram, from the output-projection weights.
+//
+// A head's output P V is multiplied by that head's d columns W_h of o_proj.weight (hidden x H*d,
+// PyTorch layout), so what the model uses of V is V W_h^T. KQ-SVD for values therefore needs
+// G_W = W_h^T W_h, from the weights alone. Under GQA the g query heads of a group share V:
+//   GroupCombination::concatenate  G_W = sum_j W_j^T W_j      (the exact objective; default)
+//   GroupCombination::average      G_W = Wbar^T Wbar, Wbar = mean_j W_j   (the authors' scripts)
+//
+//   Eigen::MatrixXd gw = kqsvd::output_projection_gram(o_proj, /*head_dim=*/64,
+//                                                      /*first_head=*/2 * kv_head, /*head_count=*/2);
+#pragma once
+
+#include <Eigen/Core>
+
+#include <string>
+
+#include "kqsvd/detail/validation.hpp"
+
+namespace kqsvd {
+
+enum class GroupCombination { concatenate, average };
+
+inline const char* to_string(GroupCombination combination) {
+  return combination == GroupCombination::concatenate ? "concatenate" : "average";
+}
+
+template <typename Derived>
+Eigen::MatrixXd output_projection_gram(const Eigen::MatrixBase<Derived>& output_weight, Eigen::Index head_dim,
+                                       Eigen::Index first_head, Eigen::Index head_count,
+                                       GroupCombination combination = GroupCombination::concatenate) {
+  constexpr const char* where = "kqsvd::output_projection_gram";
+  if (head_dim <= 0 || output_weight.cols() % head_dim != 0) {
+    detail::throw_invalid(where, "output_weight",
+                          "has " + std::to_string(output_weight.cols()) +
+                              " columns, not a positive multiple of head_dim = " + std::to_string(head_dim));
+  }
+  const Eigen::Index heads = output_weight.cols() / head_dim;
+  if (head_count < 1 || first_head < 0 || first_head + head_count > heads) {
+    detail::throw_invalid(where, "first_head/head_count",
+                          "select heads [" + std::to_string(first_head) + ", " + std::to_string(first_head + head_count) +
+                              "), outside the " + std::to_string(heads) + " heads of output_weight");
+  }
+  detail::require_finite(where, "output_weight", output_weight);
+  const auto slices = output_weight.middleCols(first_head * head_dim, head_count * head_dim).template cast<double>();
+  Eigen::MatrixXd gram = Eigen::MatrixXd::Zero(head_dim, head_dim);
+  if (combination == GroupCombination::concatenate) {
+    for (Eigen::Index j = 0; j < head_count; ++j) {
+      const Eigen::MatrixXd slice = slices.middleCols(j * head_dim, head_dim);
+      gram.noalias() += slice.transpose() * slice;
+    }
+  } else {
+    Eigen::MatrixXd mean = Eigen::MatrixXd::Zero(output_weight.rows(), head_dim);
+    for (Eigen::Index j = 0; j < head_count; ++j) mean += slices.middleCols(j * head_dim, head_dim);
+    mean /= static_cast<double>(head_count);
+    gram.noalias() = mean.transpose() * mean;
+  }
+  return gram;
+}
+
+}  // namespace kqsvd

@@ -1,0 +1,119 @@
+#include <gtest/gtest.h>
+
+#include <kqsvd/kqsvd.hpp>
+
+#include "test_support.hpp"
+
+namespace {
+
+using kqsvd::Method;
+using kqsvd::ModelShape;
+using kqsvd::RankSelection;
+using kqsvd::test::gaussian;
+using Eigen::Index;
+using Eigen::MatrixXd;
+
+const ModelShape shape{/*layers=*/2, /*query_heads=*/4, /*kv_heads=*/2, /*head_dim=*/8};
+
+struct Layer {
+  MatrixXd q, k, v;
+};
+
+Layer make_layer(Index tokens, unsigned seed) {
+  Layer x;
+  x.q = gaussian(tokens, 4 * 8, seed) * 0.5;
+  x.k = gaussian(tokens, 2 * 8, seed + 1) * gaussian(16, 16, seed + 2);
+  x.v = gaussian(tokens, 2 * 8, seed + 3);
+  return x;
+}
+
+TEST(ModelShape, GroupsQueryHeadsOntoKvHeads) {
+  EXPECT_EQ(shape.group_size(), 2);
+  EXPECT_EQ(shape.kv_head_of(0), 0);
+  EXPECT_EQ(shape.kv_head_of(3), 1);
+  EXPECT_EQ(shape.first_query_head_of(1), 2);
+  EXPECT_THROW((ModelShape{1, 6, 4, 8}.validate()), kqsvd::InvalidArgument);
+  EXPECT_THROW((ModelShape{0, 4, 4, 8}.validate()), kqsvd::InvalidArgument);
+}
+
+TEST(ModelCalibration, RoutesHeadsAndMergesShards) {
+  kqsvd::ModelCalibration calibration(shape), first(shape), second(shape);
+  const Layer x = make_layer(50, 1);
+  calibration.add(1, x.q, x.k, x.v);
+  first.add(1, x.q.topRows(20), x.k.topRows(20), x.v.topRows(20));
+  second.add(1, x.q.bottomRows(30), x.k.bottomRows(30), x.v.bottomRows(30));
+  first.merge(second);
+  for (Index h = 0; h < 2; ++h) {
+    const MatrixXd k = x.k.middleCols(h * 8, 8), v = x.v.middleCols(h * 8, 8);
+    const MatrixXd q0 = x.q.middleCols(2 * h * 8, 8), q1 = x.q.middleCols((2 * h + 1) * 8, 8);
+    EXPECT_LT((calibration.keys(1, h).gram() - k.transpose() * k).norm(), 1e-10);
+    EXPECT_LT((calibration.values(1, h).gram() - v.transpose() * v).norm(), 1e-10);
+    EXPECT_LT((calibration.queries(1, h).gram() - (q0.transpose() * q0 + q1.transpose() * q1)).norm(), 1e-10);
+    EXPECT_EQ(calibration.queries(1, h).token_count(), 100);
+    EXPECT_LT((first.keys(1, h).gram() - calibration.keys(1, h).gram()).norm(), 1e-10);
+    EXPECT_EQ(calibration.keys(0, h).token_count(), 0);
+  }
+  EXPECT_THROW(calibration.add(2, x.q, x.k, x.v), kqsvd::InvalidArgument);
+  EXPECT_THROW(calibration.add(0, x.q.leftCols(24), x.k, x.v), kqsvd::InvalidArgument);
+  EXPECT_THROW(calibration.keys(0, 2), kqsvd::InvalidArgument);
+}
+
+TEST(ModelProjections, FitsEveryHeadLikeTheSingleHeadSolver) {
+  kqsvd::ModelCalibration calibration(shape);
+  for (Index l = 0; l < 2; ++l) {
+    const Layer x = make_layer(80, 10 + 10 * static_cast<unsigned>(l));
+    calibration.add(l, x.q, x.k, x.v);
+  }
+  const std::vector<MatrixXd> o_proj = {gaussian(32, 32, 100), gaussian(32, 32, 101)};
+  const auto model = kqsvd::ModelProjections<double>::fit(calibration, o_proj, Method::kq_svd, RankSelection::fixed(3),
+                                                          RankSelection::error_budget(0.3));
+  for (Index l = 0; l < 2; ++l) {
+    for (Index h = 0; h < 2; ++h) {
+      const auto key = kqsvd::fit_projection<double>(Method::kq_svd, calibration.keys(l, h), calibration.queries(l, h),
+                                                     RankSelection::fixed(3));
+      EXPECT_LT((model.keys(l, h).decoder() - key.decoder()).norm(), 1e-12);
+      const auto& value = model.values(l, h);
+      // Per-head ranks from the budget: each the smallest whose predicted error fits.
+      EXPECT_LE(value.predicted_relative_error(), 0.3);
+      if (value.rank() > 1) {
+        EXPECT_GT(value.predicted_relative_error(value.rank() - 1), 0.3);
+      }
+      // ... and the value side optimises V [W_j]^T for the group's two query heads.
+      const MatrixXd gw = kqsvd::output_projection_gram(o_proj[static_cast<std::size_t>(l)], 8, 2 * h, 2);
+      const auto expected = kqsvd::fit_value_projection<double>(Method::kq_svd, calibration.values(l, h), gw,
+                                                                RankSelection::error_budget(0.3));
+      EXPECT_EQ(value.rank(), expected.rank());
+    }
+  }
+  EXPECT_THROW(model.keys(2, 0), kqsvd::InvalidArgument);
+  // KQ-SVD for values needs the output projection.
+  EXPECT_THROW(kqsvd::ModelProjections<double>::fit(calibration, std::vector<MatrixXd>{}, Method::kq_svd,
+                                                    RankSelection::fixed(3), RankSelection::fixed(3)),
+               kqsvd::InvalidArgument);
+  // The baselines do not.
+  const auto baseline = kqsvd::ModelProjections<double>::fit(calibration, std::vector<MatrixXd>{}, Method::k_svd,
+                                                             RankSelection::fixed(2), RankSelection::fixed(5));
+  EXPECT_EQ(baseline.values(1, 1).rank(), 5);
+}
+
+TEST(ModelProjections, FootprintCountsLatentsAndProjectionsSeparately) {
+  kqsvd::ModelCalibration calibration(shape);
+  for (Index l = 0; l < 2; ++l) {
+    const Layer x = make_layer(40, 50 + static_cast<unsigned>(l));
+    calibration.add(l, x.q, x.k, x.v);
+  }
+  const auto model = kqsvd::ModelProjections<float>::fit(calibration, std::vector<MatrixXd>{}, Method::eigen_attention,
+                                                         RankSelection::fixed(3), RankSelection::fixed(5));
+  const auto fp32 = model.footprint();
+  // 2 layers x 2 KV heads x (3 + 5) latents x 4 bytes, against 2 x 2 x (8 + 8) x 4.
+  EXPECT_EQ(fp32.latent_bytes_per_token, 2 * 2 * (3 + 5) * 4);
+  EXPECT_EQ(fp32.full_bytes_per_token, 2 * 2 * 16 * 4);
+  EXPECT_DOUBLE_EQ(fp32.ratio(), 0.5);
+  // A and B (8 x r each) for keys and values of every head, stored as float.
+  EXPECT_EQ(fp32.projection_bytes, 2 * 2 * (2 * 8 * 3 + 2 * 8 * 5) * 4);
+  const auto fp16 = model.footprint(2);
+  EXPECT_EQ(fp16.latent_bytes_per_token, 2 * 2 * (3 + 5) * 2);
+  EXPECT_THROW(model.footprint(0), kqsvd::InvalidArgument);
+}
+
+}  // namespace

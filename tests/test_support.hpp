@@ -1,0 +1,60 @@
+// Shared helpers for the tests: seeded random data and *independent* reference computations (direct
+// dense SVDs in double), never the library's own code paths.
+#pragma once
+
+#include <Eigen/Core>
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
+#include <random>
+
+#include "kqsvd/low_rank_projection.hpp"
+
+namespace kqsvd::test {
+
+using Eigen::Index;
+using Eigen::MatrixXd;
+using Eigen::VectorXd;
+
+inline MatrixXd gaussian(Index rows, Index cols, unsigned seed) {
+  std::mt19937 engine(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  MatrixXd m(rows, cols);
+  for (Index j = 0; j < cols; ++j)
+    for (Index i = 0; i < rows; ++i) m(i, j) = normal(engine);
+  return m;
+}
+
+// n x k with orthonormal columns (n >= k).
+inline MatrixXd orthonormal(Index n, Index k, unsigned seed) {
+  Eigen::HouseholderQR<MatrixXd> qr(gaussian(n, k, seed));
+  return qr.householderQ() * MatrixXd::Identity(n, k);
+}
+
+// n x d matrix Z diag(s) P^T: singular values exactly s, right singular vectors the columns of P.
+inline MatrixXd with_spectrum(Index n, const VectorXd& s, const MatrixXd& p, unsigned seed) {
+  return orthonormal(n, s.size(), seed) * s.asDiagonal() * p.transpose();
+}
+
+inline VectorXd direct_singular_values(const MatrixXd& m) {
+  Eigen::JacobiSVD<MatrixXd> svd(m);
+  return svd.singularValues();
+}
+
+// Relative Frobenius error of the best rank-r approximation of m, from a direct JacobiSVD of m.
+inline double direct_tail_error(const MatrixXd& m, Index r) {
+  const VectorXd s = direct_singular_values(m);
+  const double total = s.squaredNorm();
+  return total == 0.0 ? 0.0 : std::sqrt(s.tail(s.size() - r).squaredNorm() / total);
+}
+
+// || Q K^T - (Q B)(K A)^T ||_F / || Q K^T ||_F, computed with the full m x n products.
+template <typename Scalar>
+double score_error(const LowRankProjection<Scalar>& projection, const MatrixXd& queries, const MatrixXd& keys) {
+  const MatrixXd a = projection.encoder().template cast<double>();
+  const MatrixXd b = projection.decoder().template cast<double>();
+  const MatrixXd exact = queries * keys.transpose();
+  return (exact - (queries * b) * (keys * a).transpose()).norm() / exact.norm();
+}
+
+}  // namespace kqsvd::test
