@@ -17,31 +17,16 @@
 #include <vector>
 
 #include "kqsvd/error.hpp"
+#include "file_test_support.hpp"
 #include "kqsvd/io/atomic_file.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using kqsvd::io::AtomicFileWriter;
-
-// A fresh directory per test, so that tests run in parallel by ctest never see each other's files.
-fs::path scratch_directory() {
-  const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
-  const fs::path directory =
-      fs::path(KQSVD_BINARY_DIR) / "io-scratch" / (std::string(test->test_suite_name()) + "." + test->name());
-  fs::remove_all(directory);
-  fs::create_directories(directory);
-  return directory;
-}
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const fs::path& path, const std::string& content) {
-  std::ofstream(path, std::ios::binary) << content;
-}
+using kqsvd::test::read_file;
+using kqsvd::test::scratch_directory;
+using kqsvd::test::write_file;
 
 std::vector<std::string> directory_entries(const fs::path& directory) {
   std::vector<std::string> names;

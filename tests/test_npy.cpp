@@ -18,12 +18,17 @@
 #include <utility>
 #include <vector>
 
+#include "file_test_support.hpp"
 #include "kqsvd/error.hpp"
 #include "kqsvd/io/npy.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
+using kqsvd::test::expect_error;
+using kqsvd::test::read_file;
+using kqsvd::test::scratch_directory;
+using kqsvd::test::write_file;
 using kqsvd::io::DType;
 using kqsvd::io::NpyArray;
 using kqsvd::io::read_npy;
@@ -31,41 +36,6 @@ using kqsvd::io::read_npy_matrix;
 using kqsvd::io::write_npy;
 
 const fs::path fixtures = fs::path(KQSVD_TEST_DATA_DIR) / "npy";
-
-fs::path scratch_directory() {
-  const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string name = std::string(test->test_suite_name()) + "." + test->name();
-  for (char& c : name) {
-    if (c == '/') c = '_';
-  }
-  const fs::path directory = fs::path(KQSVD_BINARY_DIR) / "io-scratch" / name;
-  fs::remove_all(directory);
-  fs::create_directories(directory);
-  return directory;
-}
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const fs::path& path, const std::string& content) {
-  std::ofstream(path, std::ios::binary) << content;
-}
-
-template <class Exception, class Function>
-void expect_error(Function&& function, const std::string& problem, const std::string& path = "") {
-  try {
-    function();
-    ADD_FAILURE() << "expected an exception mentioning \"" << problem << "\"";
-  } catch (const Exception& error) {
-    const std::string message = error.what();
-    EXPECT_NE(message.find(problem), std::string::npos) << "message: " << message;
-    if (!path.empty()) {
-      EXPECT_NE(message.find(path), std::string::npos) << "message: " << message;
-    }
-  }
-}
 
 std::vector<double> iota_times(std::size_t count, double step) {
   std::vector<double> values(count);
@@ -348,11 +318,7 @@ TEST_P(NpyMalformed, IsAFormatErrorNamingFileAndProblem) {
 
 INSTANTIATE_TEST_SUITE_P(Corpus, NpyMalformed, ::testing::ValuesIn(malformed_files),
                          [](const ::testing::TestParamInfo<MalformedFile>& info) {
-                           std::string name = fs::path(info.param.file).stem().string();
-                           for (char& c : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           }
-                           return name;
+                           return kqsvd::test::corpus_test_name(info.param.file);
                          });
 
 TEST(NpyMalformedCorpus, EveryFileHasATest) {

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "file_test_support.hpp"
 #include "kqsvd/error.hpp"
 #include "kqsvd/io/dtype.hpp"
 #include "kqsvd/io/safetensors.hpp"
@@ -27,6 +28,10 @@
 namespace {
 
 namespace fs = std::filesystem;
+using kqsvd::test::expect_error;
+using kqsvd::test::read_file;
+using kqsvd::test::scratch_directory;
+using kqsvd::test::write_file;
 using kqsvd::io::DType;
 using kqsvd::io::NonFinite;
 using kqsvd::io::SafetensorsFile;
@@ -34,46 +39,10 @@ using kqsvd::io::SafetensorsWriter;
 
 constexpr DType all_dtypes[] = {DType::f16, DType::bf16, DType::f32, DType::f64};
 
-fs::path scratch_directory() {
-  const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string name = std::string(test->test_suite_name()) + "." + test->name();
-  for (char& c : name) {
-    if (c == '/') c = '_';
-  }
-  const fs::path directory = fs::path(KQSVD_BINARY_DIR) / "io-scratch" / name;
-  fs::remove_all(directory);
-  fs::create_directories(directory);
-  return directory;
-}
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const fs::path& path, const std::string& content) {
-  std::ofstream(path, std::ios::binary) << content;
-}
-
 std::string little_endian_u64(std::uint64_t value) {
   std::string bytes;
   for (int i = 0; i < 8; ++i) bytes += static_cast<char>((value >> (8 * i)) & 0xFF);
   return bytes;
-}
-
-// Checks the exception type, a substring that identifies the problem, and that the file is named.
-template <class Exception, class Function>
-void expect_error(Function&& function, const std::string& problem, const std::string& path = "") {
-  try {
-    function();
-    ADD_FAILURE() << "expected an exception mentioning \"" << problem << "\"";
-  } catch (const Exception& error) {
-    const std::string message = error.what();
-    EXPECT_NE(message.find(problem), std::string::npos) << "message: " << message;
-    if (!path.empty()) {
-      EXPECT_NE(message.find(path), std::string::npos) << "message: " << message;
-    }
-  }
 }
 
 std::uint16_t encode_one_16(DType dtype, double value) {
@@ -598,11 +567,7 @@ TEST_P(SafetensorsMalformed, IsAFormatErrorNamingFileAndProblem) {
 
 INSTANTIATE_TEST_SUITE_P(Corpus, SafetensorsMalformed, ::testing::ValuesIn(malformed_files),
                          [](const ::testing::TestParamInfo<MalformedFile>& info) {
-                           std::string name = fs::path(info.param.file).stem().string();
-                           for (char& c : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           }
-                           return name;
+                           return kqsvd::test::corpus_test_name(info.param.file);
                          });
 
 TEST(SafetensorsMalformedCorpus, EveryFileHasATest) {

@@ -6,7 +6,10 @@
 #include <Eigen/QR>
 #include <Eigen/SVD>
 
+#include <gtest/gtest.h>
+
 #include <random>
+#include <string>
 
 #include "kqsvd/low_rank_projection.hpp"
 
@@ -55,6 +58,22 @@ double score_error(const LowRankProjection<Scalar>& projection, const MatrixXd& 
   const MatrixXd b = projection.decoder().template cast<double>();
   const MatrixXd exact = queries * keys.transpose();
   return (exact - (queries * b) * (keys * a).transpose()).norm() / exact.norm();
+}
+
+// Checks the exception type, a substring that identifies the problem, and (when given) that the
+// message names the file.
+template <class Exception, class Function>
+void expect_error(Function&& function, const std::string& problem, const std::string& path = "") {
+  try {
+    function();
+    ADD_FAILURE() << "expected an exception mentioning \"" << problem << "\"";
+  } catch (const Exception& error) {
+    const std::string message = error.what();
+    EXPECT_NE(message.find(problem), std::string::npos) << "message: " << message;
+    if (!path.empty()) {
+      EXPECT_NE(message.find(path), std::string::npos) << "message: " << message;
+    }
+  }
 }
 
 }  // namespace kqsvd::test
