@@ -5,6 +5,8 @@
 // being read, never a silently zero-filled tensor.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -34,6 +36,12 @@ inline void reverse_bytes_of_each_word(char* data, std::size_t words) {
 class BinaryFile {
  public:
   BinaryFile(std::string path, std::string owner) : path_(std::move(path)), owner_(std::move(owner)) {
+    // Opening a FIFO for reading blocks until a writer appears, and a directory "opens" and then fails
+    // every read: refuse anything but a regular file first.
+    struct stat status {};
+    if (::stat(path_.c_str(), &status) == 0 && !S_ISREG(status.st_mode)) {
+      throw IoError(owner_ + ": '" + path_ + "' is not a regular file");
+    }
     stream_.open(path_, std::ios::binary);
     if (!stream_) throw IoError(owner_ + ": cannot open file '" + path_ + "'");
     stream_.seekg(0, std::ios::end);
