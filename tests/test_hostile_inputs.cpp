@@ -455,12 +455,12 @@ TEST(HostileInputs, EveryFileReaderRejectsDirectoriesAndFifosWithoutBlocking) {
   fs::remove_all(directory);
 }
 
-// --- known gaps ---------------------------------------------------------------------------------------
-// Each test below states what the library should do and fails today; reported, to be enabled (drop
-// DISABLED_) with the fix. docs/reliability.md has the list.
+// --- gaps found by this suite ----------------------------------------------------------------------
+// ClosedGaps: found, fixed, and kept as regressions. KnownGaps (DISABLED_): what the library should
+// do and does not yet; docs/reliability.md has the list.
 
 // spectrum.hpp: a NaN or negative singular value gives a NaN error or a silently wrong rank.
-TEST(KnownGaps, DISABLED_SpectrumFunctionsRejectNonFiniteOrNegativeSingularValues) {
+TEST(ClosedGaps, SpectrumFunctionsRejectNonFiniteOrNegativeSingularValues) {
   VectorXd s(3);
   s << 1.0, nan, 0.5;
   expect_invalid([&] { kqsvd::relative_tail_error(s, 1); }, "kqsvd::relative_tail_error: argument 'singular_values' contains a non-finite value");
@@ -470,7 +470,7 @@ TEST(KnownGaps, DISABLED_SpectrumFunctionsRejectNonFiniteOrNegativeSingularValue
 }
 
 // attention.hpp: NaN or infinite scores give NaN weights, and NaN values a NaN output, silently.
-TEST(KnownGaps, DISABLED_AttentionRejectsNonFiniteScoresAndValues) {
+TEST(ClosedGaps, AttentionRejectsNonFiniteScoresAndValues) {
   MatrixXd scores = MatrixXd::Zero(2, 2);
   scores(0, 0) = nan;
   expect_invalid([&] { kqsvd::causal_softmax(scores, 0); }, "kqsvd::causal_softmax: argument 'scores' contains a non-finite value (nan)");
@@ -484,7 +484,7 @@ TEST(KnownGaps, DISABLED_AttentionRejectsNonFiniteScoresAndValues) {
 }
 
 // rope.hpp: rotate() passes NaN and infinity through; every other entry point rejects them.
-TEST(KnownGaps, DISABLED_RotaryEmbeddingRejectsNonFiniteRows) {
+TEST(ClosedGaps, RotaryEmbeddingRejectsNonFiniteRows) {
   const kqsvd::RotaryEmbedding rope(8);
   MatrixXd rows = with_entry(MatrixXd::Ones(2, 8), 1, 4, nan);
   expect_invalid([&] { rope.rotate(rows, 0); }, "kqsvd::RotaryEmbedding::rotate: argument 'rows' contains a non-finite value (nan) at row 1, column 4");
@@ -503,7 +503,7 @@ TEST(KnownGaps, DISABLED_RangeToleranceOutsideZeroOneIsRejected) {
 }
 
 // fit.hpp: fit_value_projection's second argument is 'output_gram', but messages call it 'query_gram'.
-TEST(KnownGaps, DISABLED_ValueProjectionMessagesNameOutputGram) {
+TEST(ClosedGaps, ValueProjectionMessagesNameOutputGram) {
   kqsvd::GramAccumulator values(6);
   values.add(gaussian(20, 6, 65));
   expect_invalid([&] { kqsvd::fit_value_projection<float>(Method::kq_svd, values, gram_of(5, 66), RankSelection::fixed(2)); },
@@ -511,7 +511,7 @@ TEST(KnownGaps, DISABLED_ValueProjectionMessagesNameOutputGram) {
 }
 
 // fidelity.hpp: FidelityTotals::add accepts NaN, infinite or negative squared norms.
-TEST(KnownGaps, DISABLED_FidelityTotalsRejectNonFiniteOrNegativeSquaredNorms) {
+TEST(ClosedGaps, FidelityTotalsRejectNonFiniteOrNegativeSquaredNorms) {
   kqsvd::FidelityTotals totals;
   expect_invalid([&] { totals.add(kqsvd::FidelityMetric::keys, nan, 1.0); }, "kqsvd::FidelityTotals::add: argument 'error_squared'");
   expect_invalid([&] { totals.add(kqsvd::FidelityMetric::keys, 1.0, -1.0); }, "argument 'reference_squared'");

@@ -49,6 +49,8 @@ template <typename Derived>
 RowMatrix<typename Derived::Scalar> causal_softmax(const Eigen::MatrixBase<Derived>& scores, Eigen::Index query_offset) {
   using Scalar = typename Derived::Scalar;
   detail::require_causal_layout("kqsvd::causal_softmax", scores.rows(), scores.cols(), query_offset);
+  // exp(NaN) or inf - inf would make whole rows of weights NaN.
+  detail::require_finite("kqsvd::causal_softmax", "scores", scores);
   RowMatrix<Scalar> weights = RowMatrix<Scalar>::Zero(scores.rows(), scores.cols());
   for (Eigen::Index i = 0; i < scores.rows(); ++i) {
     const Eigen::Index visible = query_offset + i + 1;
@@ -79,6 +81,7 @@ RowMatrix<typename DerivedQ::Scalar> causal_attention(const Eigen::MatrixBase<De
     detail::throw_invalid(where, "scale", "must be finite and > 0, got " + std::to_string(scale));
   }
   detail::require_causal_layout(where, queries.rows(), keys.rows(), query_offset);
+  detail::require_finite(where, "values", values);
   const RowMatrix<Scalar> scores = (queries * keys.transpose()) * static_cast<Scalar>(scale);
   if (!scores.allFinite()) {
     detail::require_finite(where, "queries", queries);
@@ -110,6 +113,8 @@ RowMatrix<Scalar> compressed_causal_attention(const LowRankProjection<Scalar>& k
   constexpr const char* where = "kqsvd::compressed_causal_attention";
   detail::require_columns(where, "key_latents", key_latents.cols(), key_projection.rank(), "the key rank");
   detail::require_columns(where, "value_latents", value_latents.cols(), value_projection.rank(), "the value rank");
+  detail::require_finite(where, "key_latents", key_latents);
+  detail::require_finite(where, "value_latents", value_latents);
   if (query_offset < 0) query_offset = key_latents.rows() - queries.rows();
   const double scale = 1.0 / std::sqrt(static_cast<double>(key_projection.dimension()));
   const RowMatrix<Scalar> latent_output =
@@ -129,6 +134,7 @@ RowMatrix<Scalar> pre_rope_causal_attention(const LowRankProjection<Scalar>& key
                                             Eigen::Index query_offset = -1) {
   constexpr const char* where = "kqsvd::pre_rope_causal_attention";
   detail::require_columns(where, "value_latents", value_latents.cols(), value_projection.rank(), "the value rank");
+  detail::require_finite(where, "value_latents", value_latents);
   if (query_offset < 0) query_offset = key_latents.rows() - rotated_queries.rows();
   RowMatrix<Scalar> keys = key_projection.decompress(key_latents);
   rope.rotate(keys, 0);

@@ -56,6 +56,14 @@ inline const char* to_string(FidelityMetric metric) {
 class FidelityTotals {
  public:
   void add(FidelityMetric metric, double error_squared, double reference_squared) {
+    constexpr const char* where = "kqsvd::FidelityTotals::add";
+    if (!(error_squared >= 0.0) || !std::isfinite(error_squared)) {
+      detail::throw_invalid(where, "error_squared", "must be finite and >= 0, got " + std::to_string(error_squared));
+    }
+    if (!(reference_squared >= 0.0) || !std::isfinite(reference_squared)) {
+      detail::throw_invalid(where, "reference_squared",
+                            "must be finite and >= 0, got " + std::to_string(reference_squared));
+    }
     error_squared_[index(metric)] += error_squared;
     reference_squared_[index(metric)] += reference_squared;
   }

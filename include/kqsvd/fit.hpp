@@ -17,6 +17,7 @@
 
 #include <string>
 
+#include "kqsvd/detail/gram_factor.hpp"
 #include "kqsvd/eigen_attention.hpp"
 #include "kqsvd/fit_options.hpp"
 #include "kqsvd/gram_accumulator.hpp"
@@ -62,9 +63,14 @@ template <typename Scalar = float>
 LowRankProjection<Scalar> fit_value_projection(Method method, const GramAccumulator& values,
                                                const Eigen::Ref<const Eigen::MatrixXd>& output_gram,
                                                const RankSelection& rank, const FitOptions& options = {}) {
-  if (values.token_count() == 0) detail::throw_invalid("kqsvd::fit_value_projection", "values", "holds no tokens");
+  constexpr const char* where = "kqsvd::fit_value_projection";
+  if (values.token_count() == 0) detail::throw_invalid(where, "values", "holds no tokens");
   const Eigen::MatrixXd mean = values.mean_gram();
-  if (method == Method::kq_svd) return fit_kq_svd<Scalar>(mean, output_gram, rank, options);
+  if (method == Method::kq_svd) {
+    // Checked here so that a bad weight Gram is reported under the name this function gives it.
+    return fit_kq_svd<Scalar>(mean, detail::checked_gram(where, "output_gram", output_gram, values.dimension()), rank,
+                              options);
+  }
   const LowRankProjection<Scalar> principal = fit_k_svd<Scalar>(mean, rank, options);
   return LowRankProjection<Scalar>(method, principal.encoder(), principal.decoder(), principal.singular_values());
 }

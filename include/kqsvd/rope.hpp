@@ -81,6 +81,7 @@ class RotaryEmbedding {
     auto& rows = const_cast<Eigen::MatrixBase<Derived>&>(const_rows);
     using Scalar = typename Derived::Scalar;
     detail::require_columns("kqsvd::RotaryEmbedding::rotate", "rows", rows.cols(), head_dim_);
+    detail::require_finite("kqsvd::RotaryEmbedding::rotate", "rows", rows);
     if (first_position < 0) {
       detail::throw_invalid("kqsvd::RotaryEmbedding::rotate", "first_position",
                             "must be >= 0, got " + std::to_string(first_position));

@@ -17,10 +17,22 @@
 
 namespace kqsvd {
 
+namespace detail {
+
+inline void require_spectrum(const char* function, const Eigen::Ref<const Eigen::VectorXd>& singular_values) {
+  require_finite(function, "singular_values", singular_values);
+  if (singular_values.size() > 0 && singular_values.minCoeff() < 0.0) {
+    throw_invalid(function, "singular_values", "contains a negative value; singular values are >= 0");
+  }
+}
+
+}  // namespace detail
+
 // Relative Frobenius error of the best rank-`rank` approximation; 0 for an all-zero spectrum (an
 // all-zero matrix is represented exactly at every rank).
 inline double relative_tail_error(const Eigen::Ref<const Eigen::VectorXd>& singular_values, Eigen::Index rank) {
   const Eigen::Index n = singular_values.size();
+  detail::require_spectrum("kqsvd::relative_tail_error", singular_values);
   if (rank < 0 || rank > n) {
     detail::throw_invalid("kqsvd::relative_tail_error", "rank",
                           "must be in [0, " + std::to_string(n) + "], got " + std::to_string(rank));
@@ -43,6 +55,7 @@ inline Eigen::Index smallest_rank_within(const Eigen::Ref<const Eigen::VectorXd>
   }
   const Eigen::Index n = singular_values.size();
   if (n == 0) detail::throw_invalid("kqsvd::smallest_rank_within", "singular_values", "is empty");
+  detail::require_spectrum("kqsvd::smallest_rank_within", singular_values);
   for (Eigen::Index r = 1; r < n; ++r) {
     if (relative_tail_error(singular_values, r) <= epsilon) return r;
   }
