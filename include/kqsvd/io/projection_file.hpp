@@ -1,0 +1,294 @@
+// kqsvd/io/projection_file.hpp -- fitted projections of a whole model, saved to and loaded from a
+// safetensors file, with what is needed to use them correctly (method, model shape, RoPE mode).
+//
+// Tensors, per layer l and KV head h (ranks may differ from head to head):
+//   layers.{l}.kv_heads.{h}.key.encoder          [head_dim, r]  F32   A
+//   layers.{l}.kv_heads.{h}.key.decoder          [head_dim, r]  F32   B
+//   layers.{l}.kv_heads.{h}.key.singular_values  [head_dim]     F64   the objective's spectrum
+//   layers.{l}.kv_heads.{h}.value.*              the same for the value projection
+// and "__metadata__": format, format_version, method, layers, query_heads, kv_heads, head_dim, model,
+// rope, rope_style, rope_theta, key_rank_selection, value_rank_selection, calibration_tokens, producer.
+// float and double values are stored in full, so save() then load() gives back identical projections.
+//
+//   kqsvd::io::ProjectionInfo info;
+//   info.model = "tinyllama-h64";  info.calibration_tokens = calibration.keys(0, 0).token_count();
+//   info.key_rank = kqsvd::RankSelection::fixed(16);
+//   kqsvd::io::ProjectionFile(projections, info).save("proj.safetensors");
+//   kqsvd::io::ProjectionFile loaded = kqsvd::io::ProjectionFile::load("proj.safetensors");
+//   const auto& key_proj = loaded.projections().keys(layer, kv_head);
+//
+// load() validates everything -- metadata, the set of tensor names, shapes, finiteness -- and throws
+// kqsvd::FormatError naming the file and the entry or tensor at fault.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kqsvd/error.hpp"
+#include "kqsvd/io/activations.hpp"
+#include "kqsvd/io/dtype.hpp"
+#include "kqsvd/io/safetensors.hpp"
+#include "kqsvd/low_rank_projection.hpp"
+#include "kqsvd/method.hpp"
+#include "kqsvd/model_projections.hpp"
+#include "kqsvd/rank_selection.hpp"
+
+namespace kqsvd::io {
+
+// How the projections were made and what data they apply to.
+struct ProjectionInfo {
+  std::string model;                         // as in the activation files' metadata
+  RopeMode rope = RopeMode::applied;         // the projections act on rotated (applied) or raw keys
+  RopeStyle rope_style = RopeStyle::adjacent_pairs;
+  double rope_theta = 10000.0;
+  std::optional<RankSelection> key_rank;     // how the ranks were chosen, when known
+  std::optional<RankSelection> value_rank;
+  std::int64_t calibration_tokens = 0;       // tokens per head the Grams were built from
+  std::string producer;                      // e.g. "kqsvd 0.1.0"
+};
+
+namespace detail {
+
+constexpr const char* projection_format = "kqsvd.projections";
+constexpr int projection_format_version = 1;
+
+inline std::string projection_tensor_name(Eigen::Index layer, Eigen::Index kv_head, const char* side,
+                                          const char* part) {
+  return "layers." + std::to_string(layer) + ".kv_heads." + std::to_string(kv_head) + "." + side + "." + part;
+}
+
+// "rank:16" or "epsilon:0.05".
+inline std::string format_rank_selection(const RankSelection& selection) {
+  return selection.is_fixed() ? "rank:" + std::to_string(selection.rank())
+                              : "epsilon:" + format_number(selection.epsilon());
+}
+
+inline std::optional<RankSelection> parse_rank_selection(const std::string& text) {
+  try {
+    if (text.rfind("rank:", 0) == 0) {
+      const auto rank = parse_count(text.substr(5));
+      if (rank) return RankSelection::fixed(static_cast<Eigen::Index>(*rank));
+    } else if (text.rfind("epsilon:", 0) == 0) {
+      const auto epsilon = parse_number(text.substr(8));
+      if (epsilon) return RankSelection::error_budget(*epsilon);
+    }
+  } catch (const InvalidArgument&) {
+  }
+  return std::nullopt;
+}
+
+}  // namespace detail
+
+class ProjectionFile {
+ public:
+  using Index = Eigen::Index;
+  using Projections = ModelProjections<float>;
+
+  ProjectionFile(Projections projections, ProjectionInfo info)
+      : projections_(std::move(projections)), info_(std::move(info)) {
+    if (!(info_.rope_theta > 1.0) || !std::isfinite(info_.rope_theta)) {
+      kqsvd::detail::throw_invalid("kqsvd::io::ProjectionFile", "info.rope_theta",
+                                   "must be finite and > 1, got " + std::to_string(info_.rope_theta));
+    }
+    if (info_.calibration_tokens < 0) {
+      kqsvd::detail::throw_invalid("kqsvd::io::ProjectionFile", "info.calibration_tokens", "is negative");
+    }
+  }
+
+  const Projections& projections() const { return projections_; }
+  const ProjectionInfo& info() const { return info_; }
+  const ModelShape& shape() const { return projections_.shape(); }
+  // The method of the key projections (the value projections of K-SVD and Eigen Attention are V-SVD).
+  Method method() const { return projections_.keys(0, 0).method(); }
+
+  // Atomic: a reader never sees a half-written file, and a failed write leaves no file behind.
+  void save(const std::string& path, bool overwrite = false) const {
+    const ModelShape& s = shape();
+    SafetensorsWriter out;
+    out.set_metadata("format", detail::projection_format);
+    out.set_metadata("format_version", std::to_string(detail::projection_format_version));
+    out.set_metadata("method", to_string(method()));
+    out.set_metadata("layers", std::to_string(s.layers));
+    out.set_metadata("query_heads", std::to_string(s.query_heads));
+    out.set_metadata("kv_heads", std::to_string(s.kv_heads));
+    out.set_metadata("head_dim", std::to_string(s.head_dim));
+    out.set_metadata("model", info_.model);
+    out.set_metadata("rope", to_string(info_.rope));
+    out.set_metadata("rope_style", to_string(info_.rope_style));
+    out.set_metadata("rope_theta", detail::format_number(info_.rope_theta));
+    if (info_.key_rank) out.set_metadata("key_rank_selection", detail::format_rank_selection(*info_.key_rank));
+    if (info_.value_rank) out.set_metadata("value_rank_selection", detail::format_rank_selection(*info_.value_rank));
+    out.set_metadata("calibration_tokens", std::to_string(info_.calibration_tokens));
+    out.set_metadata("producer", info_.producer);
+    for (Index l = 0; l < s.layers; ++l) {
+      for (Index h = 0; h < s.kv_heads; ++h) {
+        add_projection(out, projections_.keys(l, h), l, h, "key");
+        add_projection(out, projections_.values(l, h), l, h, "value");
+      }
+    }
+    out.write(path, overwrite);
+  }
+
+  static ProjectionFile load(const std::string& path) {
+    const SafetensorsFile file(path);
+    Reader reader{file};
+    return reader.read();
+  }
+
+ private:
+  static void add_projection(SafetensorsWriter& out, const LowRankProjection<float>& projection, Index layer,
+                             Index kv_head, const char* side) {
+    out.add(detail::projection_tensor_name(layer, kv_head, side, "encoder"), DType::f32, projection.encoder());
+    out.add(detail::projection_tensor_name(layer, kv_head, side, "decoder"), DType::f32, projection.decoder());
+    const Eigen::VectorXd& values = projection.singular_values();
+    out.add(detail::projection_tensor_name(layer, kv_head, side, "singular_values"), DType::f64,
+            {static_cast<std::int64_t>(values.size())}, values.data(), static_cast<std::size_t>(values.size()));
+  }
+
+  // Validates a file while turning it back into projections.
+  struct Reader {
+    const SafetensorsFile& file;
+    std::set<std::string> expected_names{};
+
+    [[noreturn]] void fail(const std::string& problem) const {
+      throw FormatError("kqsvd::io::ProjectionFile: '" + file.path() + "' " + problem);
+    }
+
+    const std::string& entry(const char* key) const {
+      const auto found = file.metadata().find(key);
+      if (found == file.metadata().end()) fail(std::string("has no '") + key + "' entry in its __metadata__");
+      return found->second;
+    }
+
+    Index positive(const char* key) const {
+      const auto value = detail::parse_count(entry(key));
+      if (!value || *value <= 0 || *value > 1'000'000) {
+        fail(std::string("has __metadata__ ") + key + " = '" + entry(key) + "', expected a positive integer");
+      }
+      return static_cast<Index>(*value);
+    }
+
+    ProjectionFile read() {
+      const auto format = file.metadata().find("format");
+      if (format == file.metadata().end() || format->second != detail::projection_format) {
+        fail("is not a kqsvd projection file (its __metadata__ has no format = '" +
+             std::string(detail::projection_format) + "'; is it an activation file?)");
+      }
+      if (entry("format_version") != std::to_string(detail::projection_format_version)) {
+        fail("has format_version '" + entry("format_version") + "'; this kqsvd reads version " +
+             std::to_string(detail::projection_format_version));
+      }
+      Method method = Method::kq_svd;
+      try {
+        method = parse_method(entry("method"));
+      } catch (const InvalidArgument&) {
+        fail("has __metadata__ method = '" + entry("method") + "', expected kqsvd, ksvd or eigen");
+      }
+      ModelShape shape;
+      shape.layers = positive("layers");
+      shape.query_heads = positive("query_heads");
+      shape.kv_heads = positive("kv_heads");
+      shape.head_dim = positive("head_dim");
+      if (shape.query_heads % shape.kv_heads != 0) {
+        fail("has " + std::to_string(shape.kv_heads) + " KV heads, which do not divide its " +
+             std::to_string(shape.query_heads) + " query heads");
+      }
+
+      ProjectionInfo info;
+      info.model = entry("model");
+      try {
+        info.rope = parse_rope_mode(entry("rope"));
+        info.rope_style = parse_rope_style(entry("rope_style"));
+      } catch (const InvalidArgument&) {
+        fail("has __metadata__ rope = '" + entry("rope") + "', rope_style = '" + entry("rope_style") +
+             "'; expected applied|none and adjacent|half");
+      }
+      const auto theta = detail::parse_number(entry("rope_theta"));
+      if (!theta || !(*theta > 1.0)) fail("has __metadata__ rope_theta = '" + entry("rope_theta") + "', expected a number > 1");
+      info.rope_theta = *theta;
+      for (auto [key, target] : {std::pair{"key_rank_selection", &info.key_rank},
+                                 std::pair{"value_rank_selection", &info.value_rank}}) {
+        const auto found = file.metadata().find(key);
+        if (found == file.metadata().end()) continue;
+        *target = detail::parse_rank_selection(found->second);
+        if (!*target) fail(std::string("has __metadata__ ") + key + " = '" + found->second + "', expected rank:R or epsilon:E");
+      }
+      const auto tokens = detail::parse_count(entry("calibration_tokens"));
+      if (!tokens) fail("has __metadata__ calibration_tokens = '" + entry("calibration_tokens") + "', expected a count");
+      info.calibration_tokens = *tokens;
+      info.producer = entry("producer");
+
+      try {
+        std::vector<LowRankProjection<float>> keys, values;
+        for (Index l = 0; l < shape.layers; ++l) {
+          for (Index h = 0; h < shape.kv_heads; ++h) {
+            keys.push_back(projection(method, shape.head_dim, l, h, "key"));
+            // K-SVD and Eigen Attention both compress values with V-SVD; the objects keep the method's name.
+            values.push_back(projection(method, shape.head_dim, l, h, "value"));
+          }
+        }
+        for (const std::string& name : file.names()) {
+          if (expected_names.count(name) == 0) {
+            fail("has tensor '" + name + "', which is not part of a projection file of this shape");
+          }
+        }
+        return ProjectionFile(ModelProjections<float>(shape, std::move(keys), std::move(values)), std::move(info));
+      } catch (const InvalidArgument& error) {
+        fail(std::string("is inconsistent: ") + error.what());
+      }
+    }
+
+    const TensorInfo& tensor(const std::string& name, std::size_t rank) {
+      if (!file.contains(name)) fail("has no tensor '" + name + "'");
+      expected_names.insert(name);
+      const TensorInfo& info = file.info(name);
+      if (info.shape.size() != rank) {
+        fail("has tensor '" + name + "' of shape " + detail::format_shape(info.shape) + ", expected rank " +
+             std::to_string(rank));
+      }
+      return info;
+    }
+
+    LowRankProjection<float> projection(Method method, Index d, Index layer, Index kv_head, const char* side) {
+      const std::string encoder_name = detail::projection_tensor_name(layer, kv_head, side, "encoder");
+      const std::string decoder_name = detail::projection_tensor_name(layer, kv_head, side, "decoder");
+      const std::string spectrum_name = detail::projection_tensor_name(layer, kv_head, side, "singular_values");
+      const TensorInfo& encoder = tensor(encoder_name, 2);
+      const std::int64_t rank = encoder.shape[1];
+      if (encoder.shape[0] != d || rank < 1 || rank > d) {
+        fail("has tensor '" + encoder_name + "' of shape " + detail::format_shape(encoder.shape) + ", expected [" +
+             std::to_string(d) + ", r] with 1 <= r <= " + std::to_string(d));
+      }
+      const TensorInfo& decoder = tensor(decoder_name, 2);
+      if (decoder.shape != encoder.shape) {
+        fail("has tensor '" + decoder_name + "' of shape " + detail::format_shape(decoder.shape) +
+             ", not the encoder's " + detail::format_shape(encoder.shape));
+      }
+      const TensorInfo& spectrum = tensor(spectrum_name, 1);
+      if (spectrum.shape[0] != d) {
+        fail("has tensor '" + spectrum_name + "' of shape " + detail::format_shape(spectrum.shape) + ", expected [" +
+             std::to_string(d) + "]");
+      }
+      const std::vector<double> singular_values = file.read<double>(spectrum_name, NonFinite::reject);
+      for (std::size_t i = 0; i < singular_values.size(); ++i) {
+        if (singular_values[i] < 0.0) {
+          fail("has tensor '" + spectrum_name + "' with a negative singular value at index " + std::to_string(i));
+        }
+      }
+      return LowRankProjection<float>(method, file.read_matrix<float>(encoder_name, {}, NonFinite::reject),
+                                      file.read_matrix<float>(decoder_name, {}, NonFinite::reject),
+                                      Eigen::Map<const Eigen::VectorXd>(singular_values.data(), d));
+    }
+  };
+
+  Projections projections_;
+  ProjectionInfo info_;
+};
+
+}  // namespace kqsvd::io

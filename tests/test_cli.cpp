@@ -1,0 +1,459 @@
+// Tests of the kqsvd command-line tool: the built binary is run on the shipped stories260K capture
+// (tests/data/activations/stories260K) and its JSON is checked against the same quantities computed
+// here through the library API; plus exit codes, --help, overwrite protection and atomic output.
+#include <gtest/gtest.h>
+
+#include <kqsvd/io/activations.hpp>
+#include <kqsvd/io/projection_file.hpp>
+#include <kqsvd/kqsvd.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <Eigen/Eigenvalues>
+
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "file_test_support.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Eigen::Index;
+using Eigen::MatrixXd;
+using Eigen::VectorXd;
+using kqsvd::FidelityTotals;
+using kqsvd::io::ActivationFile;
+using kqsvd::test::scratch_directory;
+using nlohmann::json;
+
+const std::string binary = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd/kqsvd";
+const std::string data_dir = std::string(KQSVD_TEST_DATA_DIR) + "/activations/stories260K";
+const std::string calib = data_dir + "/calib.safetensors";
+const std::string held_out = data_dir + "/eval.safetensors";
+
+struct Result {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string quote(const std::string& word) {
+  std::string quoted = "'";
+  for (const char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+// Runs the tool with `arguments`; stdout and stderr go through files in the test's scratch directory.
+Result run(const fs::path& directory, const std::vector<std::string>& arguments) {
+  const fs::path out = directory / "stdout.txt", err = directory / "stderr.txt";
+  // One thread per tool process: ctest runs tests side by side, and OpenMP threads spinning on shared
+  // cores would make each run many times slower.
+  std::string command = "OMP_NUM_THREADS=1 " + quote(binary);
+  for (const std::string& argument : arguments) command += " " + quote(argument);
+  command += " < /dev/null > " + quote(out.string()) + " 2> " + quote(err.string());
+  const int status = std::system(command.c_str());
+  Result result;
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  result.out = kqsvd::test::read_file(out);
+  result.err = kqsvd::test::read_file(err);
+  fs::remove(out);
+  fs::remove(err);
+  return result;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(binary)) GTEST_SKIP() << binary << " was not built (KQSVD_BUILD_EXAMPLES=OFF?)";
+    directory_ = scratch_directory();
+  }
+  Result kqsvd(const std::vector<std::string>& arguments) const { return run(directory_, arguments); }
+  std::string path(const std::string& name) const { return (directory_ / name).string(); }
+
+  fs::path directory_;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// The library's answers, computed here
+
+kqsvd::ModelCalibration calibrated(const std::string& file_path) {
+  const ActivationFile file(file_path);
+  kqsvd::ModelCalibration calibration(file.shape());
+  kqsvd::io::calibrate(calibration, file);
+  return calibration;
+}
+
+kqsvd::ModelProjections<float> library_fit(kqsvd::Method method, const kqsvd::RankSelection& keys,
+                                           const kqsvd::RankSelection& values) {
+  return kqsvd::ModelProjections<float>::fit(calibrated(calib), ActivationFile(calib).output_weights(), method, keys,
+                                             values);
+}
+
+std::vector<FidelityTotals> library_measure(const kqsvd::ModelProjections<float>& projections) {
+  const ActivationFile file(held_out);
+  return kqsvd::io::measure(projections, file, file.output_weights());
+}
+
+void expect_close(double actual, double expected, const std::string& what) {
+  EXPECT_NEAR(actual, expected, 1e-6 * std::max(1.0, std::abs(expected))) << what;
+}
+
+const char* const error_keys[] = {"err_k", "err_q", "err_v", "err_qk", "err_vo", "err_softmax", "err_out"};
+
+// Every number of one method's JSON object against the library's.
+void expect_report_matches(const json& report, const kqsvd::ModelProjections<float>& projections) {
+  const std::vector<FidelityTotals> per_layer = library_measure(projections);
+  ASSERT_EQ(report.at("layers").size(), per_layer.size());
+  FidelityTotals overall;
+  const kqsvd::ModelShape& shape = projections.shape();
+  for (std::size_t l = 0; l < per_layer.size(); ++l) {
+    const json& layer = report.at("layers")[l];
+    EXPECT_EQ(layer.at("layer").get<std::size_t>(), l);
+    long kept = 0;
+    for (Index h = 0; h < shape.kv_heads; ++h) {
+      EXPECT_EQ(layer.at("key_ranks")[h].get<long>(), projections.keys(static_cast<Index>(l), h).rank());
+      EXPECT_EQ(layer.at("value_ranks")[h].get<long>(), projections.values(static_cast<Index>(l), h).rank());
+      kept += projections.keys(static_cast<Index>(l), h).rank() + projections.values(static_cast<Index>(l), h).rank();
+    }
+    for (std::size_t m = 0; m < kqsvd::all_fidelity_metrics.size(); ++m) {
+      expect_close(layer.at(error_keys[m]).get<double>(), per_layer[l].relative_error(kqsvd::all_fidelity_metrics[m]),
+                   std::string(error_keys[m]) + " of layer " + std::to_string(l));
+    }
+    expect_close(layer.at("compression").get<double>(),
+                 static_cast<double>(kept) / static_cast<double>(2 * shape.kv_heads * shape.head_dim), "compression");
+    overall += per_layer[l];
+  }
+  for (std::size_t m = 0; m < kqsvd::all_fidelity_metrics.size(); ++m) {
+    expect_close(report.at("overall").at(error_keys[m]).get<double>(),
+                 overall.relative_error(kqsvd::all_fidelity_metrics[m]), std::string("overall ") + error_keys[m]);
+  }
+  expect_close(report.at("overall").at("compression").get<double>(), projections.footprint().ratio(), "overall compression");
+  EXPECT_EQ(report.at("tokens").get<long>(), 4 * 64);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// fit, eval, compare, analyze
+
+TEST_F(Cli, FitThenEvalJsonEqualsTheLibrary) {
+  const std::string proj = path("proj.safetensors");
+  const Result fit = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "4", "--out", proj});
+  ASSERT_EQ(fit.exit_code, 0) << fit.err;
+  EXPECT_NE(fit.out.find("wrote " + proj), std::string::npos) << fit.out;
+
+  // The file holds what the library fits from the same data.
+  const auto expected = library_fit(kqsvd::Method::kq_svd, kqsvd::RankSelection::fixed(4), kqsvd::RankSelection::fixed(4));
+  const kqsvd::io::ProjectionFile file = kqsvd::io::ProjectionFile::load(proj);
+  EXPECT_EQ(file.info().model, "stories260K");
+  EXPECT_EQ(file.info().calibration_tokens, 8 * 64);
+  EXPECT_TRUE(file.projections().keys(3, 2).encoder().isApprox(expected.keys(3, 2).encoder(), 1e-5));
+  EXPECT_TRUE(file.projections().values(0, 1).decoder().isApprox(expected.values(0, 1).decoder(), 1e-5));
+
+  const Result eval = kqsvd({"eval", "--proj", proj, "--data", held_out, "--json"});
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const json report = json::parse(eval.out);
+  EXPECT_EQ(report.at("method"), "kqsvd");
+  EXPECT_EQ(report.at("rank").get<long>(), 4);
+  EXPECT_EQ(report.at("value_rank").get<long>(), 4);
+  expect_report_matches(report, expected);
+
+  const Result table = kqsvd({"eval", "--proj", proj, "--data", held_out});
+  ASSERT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_NE(table.out.find("err_softmax"), std::string::npos);
+  EXPECT_NE(table.out.find("\nall "), std::string::npos) << table.out;
+}
+
+TEST_F(Cli, FitWithAnErrorBudgetChoosesEachHeadsRank) {
+  const std::string proj = path("proj.safetensors");
+  const Result fit = kqsvd({"fit", "--calib", calib, "--method", "ksvd", "--eps", "0.3", "--value-rank", "2", "--out", proj});
+  ASSERT_EQ(fit.exit_code, 0) << fit.err;
+  const Result eval = kqsvd({"eval", "--proj", proj, "--data", held_out, "--json"});
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const json report = json::parse(eval.out);
+  EXPECT_EQ(report.at("method"), "ksvd");
+  EXPECT_EQ(report.at("epsilon").get<double>(), 0.3);
+  EXPECT_EQ(report.at("value_rank").get<long>(), 2);
+  expect_report_matches(report, library_fit(kqsvd::Method::k_svd, kqsvd::RankSelection::error_budget(0.3),
+                                            kqsvd::RankSelection::fixed(2)));
+}
+
+TEST_F(Cli, CompareJsonHasThreeMethodsAtIdenticalRanks) {
+  const Result compare = kqsvd({"compare", "--calib", calib, "--data", held_out, "--rank", "3", "--json"});
+  ASSERT_EQ(compare.exit_code, 0) << compare.err;
+  const json reports = json::parse(compare.out);
+  ASSERT_TRUE(reports.is_array());
+  ASSERT_EQ(reports.size(), 3u);
+  std::map<std::string, double> score_error;
+  for (std::size_t i = 0; i < 3; ++i) {
+    const kqsvd::Method method = kqsvd::all_methods[i];
+    const json& report = reports[i];
+    EXPECT_EQ(report.at("method"), kqsvd::to_string(method));
+    EXPECT_EQ(report.at("rank").get<long>(), 3);
+    EXPECT_EQ(report.at("value_rank").get<long>(), 3);
+    for (std::size_t l = 0; l < report.at("layers").size(); ++l) {
+      EXPECT_EQ(report.at("layers")[l].at("key_ranks"), reports[0].at("layers")[l].at("key_ranks"));
+      EXPECT_EQ(report.at("layers")[l].at("value_ranks"), reports[0].at("layers")[l].at("value_ranks"));
+    }
+    expect_report_matches(report, library_fit(method, kqsvd::RankSelection::fixed(3), kqsvd::RankSelection::fixed(3)));
+    score_error[report.at("method")] = report.at("overall").at("err_qk").get<double>();
+  }
+  EXPECT_LE(score_error["kqsvd"], score_error["ksvd"]);
+  EXPECT_LE(score_error["kqsvd"], score_error["eigen"]);
+}
+
+TEST_F(Cli, CompareWithAnErrorBudgetGivesTheBaselinesKqSvdsRanks) {
+  const Result compare = kqsvd({"compare", "--calib", calib, "--data", held_out, "--eps", "0.2", "--json"});
+  ASSERT_EQ(compare.exit_code, 0) << compare.err;
+  const json reports = json::parse(compare.out);
+  ASSERT_EQ(reports.size(), 3u);
+  const auto kq = library_fit(kqsvd::Method::kq_svd, kqsvd::RankSelection::error_budget(0.2),
+                              kqsvd::RankSelection::error_budget(0.2));
+  bool ranks_differ = false;
+  for (const json& report : reports) {
+    EXPECT_EQ(report.at("epsilon").get<double>(), 0.2);
+    for (Index l = 0; l < kq.shape().layers; ++l) {
+      for (Index h = 0; h < kq.shape().kv_heads; ++h) {
+        EXPECT_EQ(report.at("layers")[l].at("key_ranks")[h].get<long>(), kq.keys(l, h).rank());
+        EXPECT_EQ(report.at("layers")[l].at("value_ranks")[h].get<long>(), kq.values(l, h).rank());
+        ranks_differ = ranks_differ || kq.keys(l, h).rank() != kq.keys(0, 0).rank();
+      }
+    }
+  }
+  EXPECT_TRUE(ranks_differ) << "the budget should give different heads different ranks";
+}
+
+TEST_F(Cli, ComparePrintsATableAndDrawsThePlot) {
+  const std::string plot = path("compare.svg");
+  const Result compare = kqsvd({"compare", "--calib", calib, "--data", held_out, "--rank", "4", "--plot", plot});
+  ASSERT_EQ(compare.exit_code, 0) << compare.err;
+  for (const char* expected : {"kqsvd ", "ksvd ", "eigen ", "err_qk", "0.500 (2.0x)"}) {
+    EXPECT_NE(compare.out.find(expected), std::string::npos) << expected << " in\n" << compare.out;
+  }
+  const std::string svg = kqsvd::test::read_file(plot);
+  EXPECT_EQ(svg.rfind("<?xml", 0), 0u);
+  EXPECT_NE(svg.find("</svg>"), std::string::npos);
+  for (const char* expected : {"KQ-SVD", "K-SVD", "Eigen Attention", "Attention logits Q K^T", "<polyline"}) {
+    EXPECT_NE(svg.find(expected), std::string::npos) << expected;
+  }
+  // One line per method per panel (each with a marker per swept rank: 1, 2, 3, 4, 6, 8 for head_dim 8).
+  std::size_t polylines = 0;
+  for (std::size_t at = svg.find("<polyline"); at != std::string::npos; at = svg.find("<polyline", at + 1)) ++polylines;
+  EXPECT_EQ(polylines, 6u);
+}
+
+// Singular values of Y X^T from the Grams, sqrt(eig(G_Y G_X)): the eigenvalues of a product of
+// positive semidefinite matrices are those squared singular values.
+VectorXd product_singular_values(const MatrixXd& gram_y, const MatrixXd& gram_x) {
+  Eigen::EigenSolver<MatrixXd> solver(gram_y * gram_x, false);
+  VectorXd values = solver.eigenvalues().real().cwiseMax(0.0).cwiseSqrt();
+  std::sort(values.data(), values.data() + values.size(), std::greater<double>());
+  return values;
+}
+
+TEST_F(Cli, AnalyzeJsonMatchesDirectSpectra) {
+  const Result analyze = kqsvd({"analyze", "--data", held_out, "--eps", "0.25", "--json"});
+  ASSERT_EQ(analyze.exit_code, 0) << analyze.err;
+  const json report = json::parse(analyze.out);
+  EXPECT_EQ(report.at("tokens").get<long>(), 256);
+  ASSERT_EQ(report.at("layers").size(), 5u);
+
+  // Layer 2, KV head 1, from the raw activations.
+  const ActivationFile file(held_out);
+  MatrixXd keys(0, 8), queries(0, 8);
+  for (Index b = 0; b < file.batch(); ++b) {
+    const MatrixXd k = file.keys(2, b, 1).cast<double>(), q = file.group_queries(2, b, 1).cast<double>();
+    keys.conservativeResize(keys.rows() + k.rows(), 8);
+    keys.bottomRows(k.rows()) = k;
+    queries.conservativeResize(queries.rows() + q.rows(), 8);
+    queries.bottomRows(q.rows()) = q;
+  }
+  const MatrixXd gram_k = keys.transpose() * keys, gram_q = queries.transpose() * queries;
+  const json& head = report.at("layers")[2].at("kv_heads")[1];
+  const VectorXd scores = product_singular_values(gram_q, gram_k);
+  const VectorXd key_values = product_singular_values(MatrixXd::Identity(8, 8), gram_k);
+  expect_close(head.at("qk").at("stable_rank").get<double>(), scores.squaredNorm() / (scores(0) * scores(0)), "qk stable rank");
+  expect_close(head.at("k").at("stable_rank").get<double>(), key_values.squaredNorm() / (key_values(0) * key_values(0)),
+               "k stable rank");
+  const auto energy_rank = [](const VectorXd& s, double fraction) {
+    double kept = 0.0;
+    for (Index r = 0; r < s.size(); ++r) {
+      kept += s(r) * s(r);
+      if (kept >= fraction * s.squaredNorm()) return r + 1;
+    }
+    return s.size();
+  };
+  EXPECT_EQ(head.at("qk").at("energy_rank_90").get<Index>(), energy_rank(scores, 0.90));
+  EXPECT_EQ(head.at("k").at("energy_rank_99").get<Index>(), energy_rank(key_values, 0.99));
+  // KQ-SVD's rank for eps: the Eckart-Young tail of the spectrum of Q K^T.
+  EXPECT_EQ(head.at("rank_for_epsilon").at("qk").at("kqsvd").get<Index>(), energy_rank(scores, 1.0 - 0.25 * 0.25));
+  // K-SVD's: the smallest r whose top-r key directions P give ||Q K^T - Q P P^T K^T|| <= eps ||Q K^T||.
+  Eigen::SelfAdjointEigenSolver<MatrixXd> principal(gram_k);
+  const MatrixXd exact = queries * keys.transpose();
+  Index ksvd_rank = 8;
+  for (Index r = 1; r < 8; ++r) {
+    const MatrixXd p = principal.eigenvectors().rightCols(r);
+    if ((exact - queries * p * p.transpose() * keys.transpose()).norm() <= 0.25 * exact.norm()) {
+      ksvd_rank = r;
+      break;
+    }
+  }
+  EXPECT_EQ(head.at("rank_for_epsilon").at("qk").at("ksvd").get<Index>(), ksvd_rank);
+  EXPECT_TRUE(head.at("vo").is_object());
+  EXPECT_GE(head.at("rank_for_epsilon").at("qk").at("ksvd").get<Index>(),
+            head.at("rank_for_epsilon").at("qk").at("kqsvd").get<Index>());
+
+  const Result table = kqsvd({"analyze", "--data", held_out});
+  ASSERT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_NE(table.out.find("Q K^T: rank for eps"), std::string::npos) << table.out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Help, exit codes and file safety
+
+TEST_F(Cli, HelpExitsZeroForEveryCommand) {
+  const Result top = kqsvd({"--help"});
+  EXPECT_EQ(top.exit_code, 0);
+  EXPECT_NE(top.out.find("usage: kqsvd <command>"), std::string::npos);
+  for (const char* command : {"fit", "eval", "compare", "analyze"}) {
+    const Result help = kqsvd({command, "--help"});
+    EXPECT_EQ(help.exit_code, 0) << command;
+    EXPECT_NE(help.out.find(std::string("usage: kqsvd ") + command), std::string::npos) << help.out;
+    EXPECT_TRUE(help.err.empty()) << help.err;
+  }
+  const Result version = kqsvd({"--version"});
+  EXPECT_EQ(version.exit_code, 0);
+  EXPECT_EQ(version.out.rfind("kqsvd ", 0), 0u);
+}
+
+// A usage error exits 2 with one line on stderr starting "kqsvd: ".
+void expect_usage_error(const Result& result, const std::string& problem) {
+  EXPECT_EQ(result.exit_code, 2) << result.err;
+  EXPECT_EQ(result.err.rfind("kqsvd: ", 0), 0u) << result.err;
+  EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << result.err;
+  EXPECT_NE(result.err.find(problem), std::string::npos) << result.err;
+  EXPECT_TRUE(result.out.empty()) << result.out;
+}
+
+TEST_F(Cli, UsageErrorsExitTwo) {
+  const std::string out = path("p.safetensors");
+  EXPECT_EQ(kqsvd({}).exit_code, 2);
+  expect_usage_error(kqsvd({"compress"}), "unknown command 'compress'");
+  expect_usage_error(kqsvd({"fit", "--method", "kqsvd", "--rank", "2", "--out", out}), "--calib is required");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "pca", "--rank", "2", "--out", out}), "--method must be");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--out", out}), "exactly one of --rank and --eps");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "2", "--eps", "0.1", "--out", out}),
+                     "exactly one of --rank and --eps");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "0", "--out", out}),
+                     "--rank must be a positive integer");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--eps", "1.5", "--out", out}),
+                     "--eps must be a number strictly between 0 and 1");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "9", "--out", out}),
+                     "--rank 9 is more than head_dim 8");
+  expect_usage_error(kqsvd({"eval", "--proj", out, "--data", held_out, "--colour"}), "unknown option --colour");
+  expect_usage_error(kqsvd({"compare", "--calib", calib, "--data", "--rank", "2"}), "--data needs at least one file");
+  expect_usage_error(kqsvd({"analyze", "extra", "--data", held_out}), "unexpected argument 'extra'");
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(Cli, DataErrorsExitOne) {
+  const std::string garbage = path("garbage.safetensors");
+  kqsvd::test::write_file(garbage, "this is not a safetensors file");
+  const auto expect_data_error = [](const Result& result, const std::string& problem) {
+    EXPECT_EQ(result.exit_code, 1) << result.err;
+    EXPECT_EQ(result.err.rfind("kqsvd: ", 0), 0u) << result.err;
+    EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << result.err;
+    EXPECT_NE(result.err.find(problem), std::string::npos) << result.err;
+  };
+  expect_data_error(kqsvd({"analyze", "--data", path("missing.safetensors")}), "cannot open");
+  expect_data_error(kqsvd({"analyze", "--data", garbage}), "garbage.safetensors");
+  expect_data_error(kqsvd({"eval", "--proj", calib, "--data", held_out}), "is not a kqsvd projection file");
+
+  // Activations without output weights cannot give err_vo / err_out unless --weights is given.
+  const kqsvd::ModelShape shape{5, 8, 4, 8};
+  kqsvd::io::ActivationWriter writer(shape, 3, ActivationFile(held_out).metadata());
+  for (Index l = 0; l < 5; ++l) {
+    writer.add(l, Eigen::MatrixXf::Ones(3, 64), Eigen::MatrixXf::Ones(3, 32), Eigen::MatrixXf::Ones(3, 32));
+  }
+  const std::string unweighted = path("unweighted.safetensors");
+  writer.write(unweighted);
+  const std::string proj = path("proj.safetensors");
+  ASSERT_EQ(kqsvd({"fit", "--calib", calib, "--method", "eigen", "--rank", "2", "--out", proj}).exit_code, 0);
+  expect_data_error(kqsvd({"eval", "--proj", proj, "--data", unweighted}), "give --weights FILE");
+  EXPECT_EQ(kqsvd({"eval", "--proj", proj, "--data", unweighted, "--weights", calib}).exit_code, 0);
+  expect_data_error(kqsvd({"fit", "--calib", unweighted, "--method", "kqsvd", "--rank", "2", "--out", path("x")}),
+                    "give --weights FILE");
+  // A held-out file that cannot be read.
+  expect_data_error(kqsvd({"compare", "--calib", calib, "--data", garbage, "--rank", "2"}), "garbage.safetensors");
+}
+
+TEST_F(Cli, PreRopeProjectionsNeedPreRopeData) {
+  // The shipped held-out activations relabelled as un-rotated (rope = none): a pre-RoPE data set.
+  const ActivationFile post(held_out);
+  kqsvd::io::ActivationMetadata metadata = post.metadata();
+  metadata.rope = kqsvd::io::RopeMode::none;
+  kqsvd::io::ActivationWriter writer(post.shape(), post.tokens(), metadata);
+  for (Index b = 0; b < post.batch(); ++b) {
+    for (Index l = 0; l < post.shape().layers; ++l) {
+      Eigen::MatrixXf q(post.tokens(), 64), k(post.tokens(), 32), v(post.tokens(), 32);
+      for (Index h = 0; h < 8; ++h) q.middleCols(h * 8, 8) = post.queries(l, b, h);
+      for (Index h = 0; h < 4; ++h) k.middleCols(h * 8, 8) = post.keys(l, b, h);
+      for (Index h = 0; h < 4; ++h) v.middleCols(h * 8, 8) = post.values(l, b, h);
+      writer.add(l, q, k, v);
+    }
+  }
+  for (Index l = 0; l < post.shape().layers; ++l) writer.set_output_weight(l, post.output_weight(l));
+  const std::string pre = path("pre.safetensors"), proj = path("proj.safetensors");
+  writer.write(pre);
+
+  ASSERT_EQ(kqsvd({"fit", "--calib", pre, "--method", "kqsvd", "--rank", "4", "--out", proj}).exit_code, 0);
+  EXPECT_EQ(kqsvd::io::ProjectionFile::load(proj).info().rope, kqsvd::io::RopeMode::none);
+  const Result eval = kqsvd({"eval", "--proj", proj, "--data", pre, "--json"});
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  // Scored the pre-RoPE way: the library's measure() on the same file, which rotates with its RoPE.
+  const auto projections = kqsvd::io::ProjectionFile::load(proj).projections();
+  const ActivationFile pre_file(pre);
+  FidelityTotals overall;
+  for (const FidelityTotals& layer : kqsvd::io::measure(projections, pre_file, pre_file.output_weights())) overall += layer;
+  expect_close(json::parse(eval.out).at("overall").at("err_qk").get<double>(),
+               overall.relative_error(kqsvd::FidelityMetric::scores), "pre-RoPE err_qk");
+
+  const Result mixed = kqsvd({"eval", "--proj", proj, "--data", held_out});
+  EXPECT_EQ(mixed.exit_code, 1);
+  EXPECT_NE(mixed.err.find("has rope = applied but"), std::string::npos) << mixed.err;
+}
+
+TEST_F(Cli, FitRefusesToOverwriteWithoutForce) {
+  const std::string proj = path("proj.safetensors");
+  kqsvd::test::write_file(proj, "an earlier result");
+  const Result refused = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "2", "--out", proj});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_NE(refused.err.find("already exists; pass --force"), std::string::npos) << refused.err;
+  EXPECT_EQ(kqsvd::test::read_file(proj), "an earlier result");
+
+  const Result forced = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "2", "--out", proj, "--force"});
+  ASSERT_EQ(forced.exit_code, 0) << forced.err;
+  EXPECT_EQ(kqsvd::io::ProjectionFile::load(proj).projections().keys(0, 0).rank(), 2);
+}
+
+TEST_F(Cli, AFailedFitLeavesNoFileBehind) {
+  const std::string proj = path("proj.safetensors");
+  const std::string garbage = path("garbage.safetensors");
+  kqsvd::test::write_file(garbage, "not safetensors");
+  // The second calibration file is unreadable: nothing is written.
+  EXPECT_EQ(kqsvd({"fit", "--calib", calib, garbage, "--method", "kqsvd", "--rank", "2", "--out", proj}).exit_code, 1);
+  // The output cannot be created (its directory is a file): the error is reported, nothing is left.
+  const Result unwritable = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "2", "--out", garbage + "/p"});
+  EXPECT_EQ(unwritable.exit_code, 1);
+  EXPECT_NE(unwritable.err.find("kqsvd: "), std::string::npos);
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(directory_)) names.push_back(entry.path().filename().string());
+  EXPECT_EQ(names, std::vector<std::string>{"garbage.safetensors"});
+}
+
+}  // namespace

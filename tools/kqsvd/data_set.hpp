@@ -1,0 +1,80 @@
+// tools/kqsvd/data_set.hpp -- what every subcommand does with activation files: stream them into
+// calibration statistics, find the output-projection weights, fit, truncate and evaluate projections.
+//
+//   Calibration calib = calibrate_files(paths);                    // one file in memory at a time
+//   auto weights = choose_output_weights(weights_option, calib.output_weights, {}, calib.layout.shape);
+//   EvaluationData data(data_paths, calib.layout);                  // opened (mapped), checked
+//   std::vector<FidelityTotals> per_layer = data.measure(projections, weights);
+#pragma once
+
+#include <kqsvd/io/activations.hpp>
+#include <kqsvd/io/dtype.hpp>
+#include <kqsvd/model_calibration.hpp>
+#include <kqsvd/model_projections.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "progress.hpp"
+#include "report.hpp"
+
+namespace kqsvd::cli {
+
+using WeightMatrix = io::RowMajorMatrix<float>;
+using Ranks = std::vector<std::vector<long>>;  // [layer][kv_head]
+
+struct Calibration {
+  ModelCalibration statistics;
+  io::ActivationLayout layout;
+  std::int64_t tokens = 0;                   // tokens per head
+  std::vector<WeightMatrix> output_weights;  // from the first file that holds them; empty if none did
+};
+
+// Streams the files into Gram accumulators; every file must match the first one's layout.
+Calibration calibrate_files(const std::vector<std::string>& paths);
+
+// The layout of an activation file (to check arguments such as --rank before the long work).
+io::ActivationLayout read_layout(const std::string& path);
+
+// --weights FILE if given, else the first non-empty candidate; empty when there is none.
+std::vector<WeightMatrix> choose_output_weights(const std::optional<std::string>& weights_file,
+                                                const std::vector<std::vector<WeightMatrix>>& candidates,
+                                                const ModelShape& shape);
+
+// Held-out activation files, opened once (memory-mapped) and checked against a layout.
+class EvaluationData {
+ public:
+  // require_same_model: the files must also carry expected's model name (otherwise a difference is
+  // reported on stderr as a warning: projections may be tried on another model of the same shape).
+  EvaluationData(const std::vector<std::string>& paths, const io::ActivationLayout& expected, bool require_same_model);
+
+  const std::vector<io::ActivationFile>& files() const { return files_; }
+  long tokens() const;  // per head, over all files
+  // The output weights the files themselves hold (of the first file that has them), or empty.
+  std::vector<WeightMatrix> output_weights() const;
+
+  // Per-layer fidelity totals summed over every file; advances `progress` (if given) once per file.
+  std::vector<FidelityTotals> measure(const ModelProjections<float>& projections,
+                                      const std::vector<WeightMatrix>& output_weights,
+                                      ProgressBar* progress = nullptr) const;
+
+ private:
+  std::vector<io::ActivationFile> files_;
+};
+
+Ranks key_ranks(const ModelProjections<float>& projections);
+Ranks value_ranks(const ModelProjections<float>& projections);
+
+// The same projections keeping the first key_ranks[l][h] / value_ranks[l][h] dimensions of each head.
+ModelProjections<float> truncated(const ModelProjections<float>& full, const Ranks& key_ranks, const Ranks& value_ranks);
+
+// Per-head ranks all equal to `rank`.
+Ranks uniform_ranks(const ModelShape& shape, long rank);
+
+// The table/JSON row of per-layer totals: relative errors and the layer's compressed / full cache size.
+MethodReport make_report(const ModelProjections<float>& projections, const std::vector<FidelityTotals>& per_layer,
+                         std::optional<double> epsilon, long tokens);
+
+}  // namespace kqsvd::cli

@@ -1,0 +1,54 @@
+// tools/kqsvd/report.hpp -- the results of evaluating one method, as a text table or as JSON.
+//
+// The JSON object (key names are a stable interface; `compare` prints a list of them):
+//   {"method": "kqsvd", "rank": 16, "value_rank": 16, "tokens": 512,
+//    "layers": [{"layer": 0, "err_k": ..., "err_q": ..., "err_v": ..., "err_qk": ..., "err_vo": ...,
+//                "err_softmax": ..., "err_out": ..., "compression": ..., "key_ranks": [...],
+//                "value_ranks": [...]}, ...],
+//    "overall": {"err_k": ..., ..., "compression": ...}}
+// "rank" / "value_rank" are integers when every head has the same rank, else the mean over heads;
+// "epsilon" is present when ranks were chosen by an error budget. "compression" is the compressed
+// cache's size over the full cache's (0.25: four times smaller).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace kqsvd::cli {
+
+// The seven relative errors in the order of kqsvd::all_fidelity_metrics, and the compression achieved.
+struct FidelityRow {
+  std::array<double, 7> errors{};
+  double compression = 0.0;
+};
+
+struct MethodReport {
+  std::string method;                         // "kqsvd", "ksvd", "eigen"
+  std::vector<std::vector<long>> key_ranks;   // [layer][kv_head]
+  std::vector<std::vector<long>> value_ranks;
+  std::optional<double> epsilon;              // when ranks came from an error budget
+  long tokens = 0;                            // evaluation tokens (per head)
+  std::vector<FidelityRow> layers;
+  FidelityRow overall;
+};
+
+// The JSON key of each error: "err_k", "err_q", ..., in all_fidelity_metrics order.
+const std::array<std::string, 7>& error_keys();
+
+nlohmann::ordered_json to_json(const MethodReport& report);
+
+// One table, a row per layer then "all" (eval).
+void print_layer_table(std::ostream& out, const MethodReport& report);
+
+// One table, a row per method, overall numbers (compare).
+void print_method_table(std::ostream& out, const std::vector<MethodReport>& reports);
+
+// "16" when all heads agree, else "12.5 (8-16)".
+std::string describe_ranks(const std::vector<std::vector<long>>& ranks);
+
+}  // namespace kqsvd::cli
