@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 #include <string>
 
@@ -48,7 +49,9 @@ inline VectorXd direct_singular_values(const MatrixXd& m) {
 inline double direct_tail_error(const MatrixXd& m, Index r) {
   const VectorXd s = direct_singular_values(m);
   const double total = s.squaredNorm();
-  return total == 0.0 ? 0.0 : std::sqrt(s.tail(s.size() - r).squaredNorm() / total);
+  // A rank at or beyond min(rows, cols) keeps every singular value: the tail is empty.
+  const Index tail = std::max<Index>(s.size() - r, 0);
+  return total == 0.0 ? 0.0 : std::sqrt(s.tail(tail).squaredNorm() / total);
 }
 
 // || Q K^T - (Q B)(K A)^T ||_F / || Q K^T ||_F, computed with the full m x n products.
