@@ -4,8 +4,7 @@
 // ||Q K^T - (Q B)(K A)^T|| / ||Q K^T|| from the full products. Every case must give finite A and B with
 // A^T B = I_r and an achieved (and predicted) error equal to the reference optimum -- "optimal on the
 // range of K" -- or a clear kqsvd::Error. The 1e8-token accumulation is checked against an exact
-// integer reference. Cases the library does not meet yet are DISABLED_ with the reason (see
-// docs/reliability.md); run them with --gtest_also_run_disabled_tests.
+// integer reference.
 #include <gtest/gtest.h>
 
 #include <kqsvd/fit.hpp>
@@ -332,39 +331,56 @@ TEST(AdversarialNumerics, ScatteredDoubleDenormalsAmongNormalValues) {
   expect_optimal_at_every_rank(keys, queries, "scattered subnormal doubles");
 }
 
-// KNOWN GAP (reported; gram_accumulator.hpp): squares of |x| < 1.5e-154 underflow double, so keys
-// that small (subnormal doubles, or normal ones below ~1e-154) give a Gram that is zero or has lost
-// its low bits. The fit then reports a zero head -- predicted error 0 -- while Q K^T is not zero: a
-// silently wrong projection. Expected: optimal (scaled accumulation) or a NumericalError.
-TEST(AdversarialNumerics, DISABLED_KeysTooSmallForTheirSquaresAreOptimalOrANumericalError) {
+// Squares of |x| < sqrt(DBL_MIN) ~ 1.5e-154 underflow in double: keys that small would give a Gram that
+// is zero or has lost its bits, and a fit reporting "error 0" while Q K^T is not zero. The accumulator
+// knows each column's largest magnitude and refuses to hand out such a Gram: a NumericalError naming
+// the column. (Before the fix this was a silently wrong projection.)
+TEST(AdversarialNumerics, KeysTooSmallForTheirSquaresAreANumericalError) {
   const Index d = 8;
   const MatrixXd base = gaussian(50, d, 55), queries = gaussian(40, d, 56);
   for (const double scale : {1e-160, 1e-200, 1e-310}) {
-    const MatrixXd keys = scale * base;
-    try {
-      expect_optimal_at_every_rank(keys, queries, "keys x " + sci(scale));
-    } catch (const kqsvd::NumericalError&) {
-      // acceptable: a clear error
-    }
+    kqsvd::GramAccumulator cached(d), query(d);
+    cached.add(scale * base);
+    query.add(queries);
+    kqsvd::test::expect_error<kqsvd::NumericalError>(
+        [&] { (void)kqsvd::fit_projection<double>(Method::kq_svd, cached, query, RankSelection::fixed(2)); },
+        "kqsvd::GramAccumulator::gram: column 0 of the rows added has values only up to");
   }
+  // One tiny column is refused, whatever the others hold; a column at the threshold is optimal.
+  MatrixXd keys = gaussian(50, d, 57);
+  keys.col(5) *= 1e-160;
+  kqsvd::GramAccumulator mixed(d);
+  mixed.add(keys);
+  kqsvd::test::expect_error<kqsvd::NumericalError>([&] { (void)mixed.gram(); }, "column 5");
+  keys.col(5) = gaussian(50, 1, 58) * 1e-150;
+  expect_optimal_at_every_rank(keys, queries, "one column at 1e-150");
 }
 
-// KNOWN GAP (reported; gram_accumulator.hpp): |x| above ~1e154 / sqrt(tokens) overflows the Gram to
-// infinity; fit_projection then throws InvalidArgument "argument 'cached_gram' contains a non-finite
-// value (inf)" -- the wrong class, naming an argument the caller never passed. Expected: optimal, or
-// a NumericalError from GramAccumulator::add naming 'rows'.
-TEST(AdversarialNumerics, DISABLED_KeysTooLargeForTheirSquaresAreOptimalOrANumericalErrorNamingRows) {
+// Squares of |x| above ~1e154 / sqrt(tokens) overflow double. add() refuses the block with a
+// NumericalError naming 'rows' and the column, and leaves the accumulator unchanged; merge() likewise.
+TEST(AdversarialNumerics, KeysTooLargeForTheirSquaresAreANumericalErrorNamingRows) {
   const Index d = 8;
-  const MatrixXd base = gaussian(50, d, 57), queries = gaussian(40, d, 58);
+  const MatrixXd base = gaussian(50, d, 57);
   for (const double scale : {1e155, 1e200}) {
-    try {
-      expect_optimal_at_every_rank(scale * base, queries, "keys x " + sci(scale));
-    } catch (const kqsvd::NumericalError& e) {
-      EXPECT_NE(std::string(e.what()).find("'rows'"), std::string::npos) << e.what();
-    } catch (const kqsvd::Error& e) {
-      ADD_FAILURE() << "expected optimal or NumericalError, got: " << e.what();
-    }
+    kqsvd::GramAccumulator cached(d);
+    cached.add(base);
+    const MatrixXd before = cached.gram();
+    kqsvd::test::expect_error<kqsvd::NumericalError>([&] { cached.add(scale * base); },
+                                                      "kqsvd::GramAccumulator::add: argument 'rows' has values up to");
+    EXPECT_EQ(cached.token_count(), 50);
+    EXPECT_EQ(cached.gram(), before);
   }
+  // Each shard fits; their sum does not.
+  MatrixXd big = gaussian(50, d, 59);
+  big.col(2).setConstant(1.55e153);  // 50 squares: 1.2e308 < DBL_MAX = 1.8e308 < twice that
+  kqsvd::GramAccumulator first(d), second(d);
+  first.add(big);
+  second.add(big);
+  kqsvd::test::expect_error<kqsvd::NumericalError>([&] { first.merge(second); },
+                                                    "kqsvd::GramAccumulator::merge: argument 'other' has values up to");
+  EXPECT_EQ(first.token_count(), 50);
+  // Just inside the range: finite and optimal.
+  expect_optimal_at_every_rank(base * 1e150, gaussian(40, d, 56), "keys x 1e150");
 }
 
 // --- 10^8 tokens ------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 // already cover: NaN and infinity in each matrix argument, negative and oversized indices, empty
 // matrices, mismatched shapes, out-of-range options. Each must raise the documented kqsvd::Error
 // subclass with a message that names the function and the argument, and a rejected call must leave
-// its object unchanged. Gaps the library does not close yet are in the KnownGaps suite at the end,
-// DISABLED_ until fixed (docs/reliability.md lists them); run them with --gtest_also_run_disabled_tests.
+// its object unchanged. Gaps this suite found, since fixed, stay as the ClosedGaps suite at the end
+// (docs/reliability.md lists them).
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -456,8 +456,7 @@ TEST(HostileInputs, EveryFileReaderRejectsDirectoriesAndFifosWithoutBlocking) {
 }
 
 // --- gaps found by this suite ----------------------------------------------------------------------
-// ClosedGaps: found, fixed, and kept as regressions. KnownGaps (DISABLED_): what the library should
-// do and does not yet; docs/reliability.md has the list.
+// ClosedGaps: found, fixed, and kept as regressions; docs/reliability.md has the list.
 
 // spectrum.hpp: a NaN or negative singular value gives a NaN error or a silently wrong rank.
 TEST(ClosedGaps, SpectrumFunctionsRejectNonFiniteOrNegativeSingularValues) {
@@ -492,7 +491,7 @@ TEST(ClosedGaps, RotaryEmbeddingRejectsNonFiniteRows) {
 
 // fit_options.hpp / key_query_svd.hpp: range_tolerance >= 1 silently drops the whole range (the fit
 // reports error 0 for any data); NaN or a negative value silently means "default".
-TEST(KnownGaps, DISABLED_RangeToleranceOutsideZeroOneIsRejected) {
+TEST(ClosedGaps, RangeToleranceOutsideZeroOneIsRejected) {
   const MatrixXd g = gram_of(6, 64);
   for (const double tolerance : {1.0, 2.0, -1e-3, nan, inf}) {
     kqsvd::FitOptions options;
@@ -520,7 +519,7 @@ TEST(ClosedGaps, FidelityTotalsRejectNonFiniteOrNegativeSquaredNorms) {
 // low_rank_projection.hpp / fit.hpp: a projection that does not fit the requested scalar type (float
 // encoder entries past 3.4e38, e.g. keys of magnitude 1e-40) is reported as an InvalidArgument about an
 // 'encoder' argument the caller never passed; a NumericalError saying "fit in double" would be right.
-TEST(KnownGaps, DISABLED_ProjectionBeyondFloatRangeIsANumericalError) {
+TEST(ClosedGaps, ProjectionBeyondFloatRangeIsANumericalError) {
   kqsvd::GramAccumulator keys(4), queries(4);
   keys.add((gaussian(20, 4, 67) * 1e-41).cast<float>());
   queries.add(gaussian(20, 4, 68));

@@ -14,6 +14,10 @@
 
 #include "kqsvd/low_rank_projection.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace kqsvd::test {
 
 using Eigen::Index;
@@ -77,6 +81,20 @@ void expect_error(Function&& function, const std::string& problem, const std::st
       EXPECT_NE(message.find(path), std::string::npos) << "message: " << message;
     }
   }
+}
+
+// Runs call() with OpenMP set to `threads` threads (serially when built without OpenMP), then restores
+// the previous setting: for tests that compare results across thread counts.
+template <typename Function>
+void with_threads([[maybe_unused]] int threads, Function&& call) {
+#ifdef _OPENMP
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  call();
+  omp_set_num_threads(before);
+#else
+  call();
+#endif
 }
 
 }  // namespace kqsvd::test

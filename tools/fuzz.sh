@@ -66,7 +66,7 @@ fi
 
 # --- build ------------------------------------------------------------------------------------------
 cmake -S . -B "$build_dir" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DKQSVD_BUILD_FUZZERS=ON -DKQSVD_BUILD_TESTS=OFF -DKQSVD_BUILD_EXAMPLES=OFF -DKQSVD_BUILD_BENCHMARKS=OFF \
+  -DKQSVD_BUILD_FUZZERS=ON -DKQSVD_BUILD_TESTS=OFF -DKQSVD_BUILD_EXAMPLES=OFF -DKQSVD_BUILD_TOOLS=OFF -DKQSVD_BUILD_BENCHMARKS=OFF \
   -DKQSVD_WARNINGS_AS_ERRORS=ON >/dev/null
 build_targets=()
 for target in "${targets[@]}"; do build_targets+=("fuzz_$target"); done

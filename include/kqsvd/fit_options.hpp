@@ -8,10 +8,16 @@
 
 namespace kqsvd {
 
-// How KQ-SVD takes the SVD of the d x d core matrix L_K^T L_Q.
+// How KQ-SVD takes the SVD of the d x d core matrix M = L_K^T L_Q.
 enum class SvdAlgorithm {
   divide_and_conquer,  // Eigen::BDCSVD: backward stable, fast for d >= 64
   jacobi,              // Eigen::JacobiSVD: highest relative accuracy on tiny singular values
+  // Symmetric eigendecomposition of M M^T = L_K^T G_Q L_K (no SVD, no factor of G_Q; G_K by Cholesky
+  // when it is clearly positive definite). About 5x faster at d = 128, for fitting whole models.
+  // Trade-off: squaring M squares its condition, so singular values below ~1e-8 of the largest (and
+  // their directions) are only accurate to ~1e-16 * s_1^2 / s_i; the leading directions, the ones a
+  // compressed cache keeps, and the predicted errors of ranks whose tail is above ~1e-7 are unaffected.
+  symmetric_eigen,
 };
 
 struct FitOptions {

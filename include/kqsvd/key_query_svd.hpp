@@ -15,10 +15,14 @@
 //   double err = proj.predicted_relative_error();   // exact ||QK^T - (QB)(KA)^T|| / ||QK^T||
 #pragma once
 
+#include <Eigen/Cholesky>
 #include <Eigen/Core>
+#include <Eigen/Eigenvalues>
 #include <Eigen/SVD>
 
 #include <algorithm>
+#include <sstream>
+#include <string>
 
 #include "kqsvd/detail/gram_factor.hpp"
 #include "kqsvd/fit_options.hpp"
@@ -43,6 +47,63 @@ inline void left_singular_system(const Eigen::MatrixXd& m, SvdAlgorithm algorith
   }
 }
 
+// The symmetric_eigen route's factor of G_K: by Cholesky when G_K is clearly positive definite, which
+// is some 30x cheaper than factor_gram's eigendecomposition; factor_gram otherwise. "Clearly": after
+// the unit-diagonal scaling (G' = D^-1 G D^-1), 1 / ||L^-1||_F^2 -- a lower bound on the smallest
+// eigenvalue of G' -- exceeds tolerance * d >= tolerance * (largest eigenvalue), so factor_gram would
+// have found full rank too. A and B do not depend on which square root of G_K is used.
+inline GramFactor factor_gram_fast(const char* function, const char* argument, const Eigen::MatrixXd& gram,
+                                   double tolerance) {
+  const Eigen::Index d = gram.rows();
+  const Eigen::ArrayXd diagonal = gram.diagonal().array();
+  if ((diagonal > 0.0).all()) {
+    const Eigen::VectorXd scale = diagonal.sqrt().matrix();
+    const Eigen::MatrixXd scaled = scale.cwiseInverse().asDiagonal() * gram * scale.cwiseInverse().asDiagonal();
+    const Eigen::LLT<Eigen::MatrixXd> cholesky(scaled);
+    if (cholesky.info() == Eigen::Success) {
+      const Eigen::MatrixXd lower = cholesky.matrixL();
+      const Eigen::MatrixXd inverse =
+          lower.triangularView<Eigen::Lower>().solve(Eigen::MatrixXd::Identity(d, d));  // L^-1
+      if (1.0 / inverse.squaredNorm() > tolerance * static_cast<double>(d)) {
+        GramFactor result;
+        result.factor = scale.asDiagonal() * lower;                                // G = (D L)(D L)^T
+        result.dual = scale.cwiseInverse().asDiagonal() * inverse.transpose();     // (D L)^T R = I
+        result.complement.resize(d, 0);
+        return result;
+      }
+    }
+  }
+  return factor_gram(function, argument, gram, tolerance);
+}
+
+// Throws unless the symmetric `gram` is positive semidefinite up to negativity_tolerance (relative, after
+// unit-diagonal scaling), checked by a pivoted LDL^T: a cheap stand-in for the eigendecomposition the
+// default route gets anyway.
+inline void require_positive_semidefinite(const char* function, const char* argument, const Eigen::MatrixXd& gram) {
+  const Eigen::VectorXd scale = gram.diagonal().cwiseMax(0.0).cwiseSqrt().unaryExpr(
+      [](double x) { return x > 0.0 ? 1.0 / x : 0.0; });
+  const Eigen::LDLT<Eigen::MatrixXd> ldlt(scale.asDiagonal() * gram * scale.asDiagonal());
+  const Eigen::VectorXd pivots = ldlt.vectorD();
+  if (ldlt.info() != Eigen::Success || pivots.minCoeff() < -negativity_tolerance * std::max(1.0, pivots.maxCoeff())) {
+    std::ostringstream out;
+    out << "is not positive semidefinite (pivot " << pivots.minCoeff() << " of its LDL^T factorisation after "
+        << "unit-diagonal scaling)";
+    throw_invalid(function, argument, out.str());
+  }
+}
+
+// options.range_tolerance, or the default for 0. A tolerance of 1 or more would discard the whole range
+// (any data would "fit" with error 0), so only (0, 1) is accepted.
+inline double checked_range_tolerance(const char* function, double tolerance, Eigen::Index dimension) {
+  if (tolerance == 0.0) return default_range_tolerance(dimension);
+  if (!(tolerance > 0.0 && tolerance < 1.0)) {  // also NaN
+    std::ostringstream out;
+    out << "must be in (0, 1), or 0 for the default, got " << tolerance;
+    throw_invalid(function, "options.range_tolerance", out.str());
+  }
+  return tolerance;
+}
+
 }  // namespace detail
 
 template <typename Scalar = float>
@@ -54,18 +115,36 @@ LowRankProjection<Scalar> fit_kq_svd(const Eigen::Ref<const Eigen::MatrixXd>& ca
   const Eigen::MatrixXd gk = detail::checked_gram(where, "cached_gram", cached_gram, 0);
   const Index d = gk.rows();
   const Eigen::MatrixXd gq = detail::checked_gram(where, "query_gram", query_gram, d);
-  const double tolerance = options.range_tolerance > 0.0 ? options.range_tolerance : detail::default_range_tolerance(d);
-  const detail::GramFactor keys = detail::factor_gram(where, "cached_gram", gk, tolerance);
-  const detail::GramFactor queries = detail::factor_gram(where, "query_gram", gq, tolerance);
+  const double tolerance = detail::checked_range_tolerance(where, options.range_tolerance, d);
+  const bool by_eigen = options.svd == SvdAlgorithm::symmetric_eigen;
+  const detail::GramFactor keys = by_eigen ? detail::factor_gram_fast(where, "cached_gram", gk, tolerance)
+                                           : detail::factor_gram(where, "cached_gram", gk, tolerance);
   const Index p = keys.factor.cols();
-  const Index q = queries.factor.cols();
 
   Eigen::MatrixXd left = Eigen::MatrixXd::Identity(p, p);
   Eigen::VectorXd singular_values = Eigen::VectorXd::Zero(d);
-  if (p > 0 && q > 0) {
-    Eigen::VectorXd core_values;
-    detail::left_singular_system(keys.factor.transpose() * queries.factor, options.svd, left, core_values);
-    singular_values.head(core_values.size()) = core_values;
+  if (by_eigen) {
+    detail::require_positive_semidefinite(where, "query_gram", gq);
+    if (p > 0 && gq.cwiseAbs().maxCoeff() > 0.0) {
+      // M M^T = L_K^T L_Q L_Q^T L_K = L_K^T G_Q L_K: its eigenvectors are M's left singular vectors and
+      // its eigenvalues their squared singular values.
+      const Eigen::MatrixXd core = keys.factor.transpose() * gq * keys.factor;
+      Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eigen(core);
+      if (eigen.info() != Eigen::Success) {
+        throw NumericalError(std::string(where) + ": the eigensolver did not converge");
+      }
+      left = eigen.eigenvectors().rowwise().reverse();  // descending
+      // Rounding leaves tiny negative eigenvalues where Q K^T has rank < p: they are zeros.
+      singular_values.head(p) = eigen.eigenvalues().reverse().cwiseMax(0.0).cwiseSqrt();
+    }
+  } else {
+    const detail::GramFactor queries = detail::factor_gram(where, "query_gram", gq, tolerance);
+    const Index q = queries.factor.cols();
+    if (p > 0 && q > 0) {
+      Eigen::VectorXd core_values;
+      detail::left_singular_system(keys.factor.transpose() * queries.factor, options.svd, left, core_values);
+      singular_values.head(core_values.size()) = core_values;
+    }
   }
 
   const Index r = rank.select(singular_values);
@@ -78,7 +157,8 @@ LowRankProjection<Scalar> fit_kq_svd(const Eigen::Ref<const Eigen::MatrixXd>& ca
   encoder.rightCols(r - from_range) = keys.complement.leftCols(r - from_range);
   decoder.rightCols(r - from_range) = keys.complement.leftCols(r - from_range);
   detail::normalize_signs(decoder, &encoder);
-  return LowRankProjection<Scalar>(Method::kq_svd, encoder.cast<Scalar>(), decoder.cast<Scalar>(), singular_values);
+  return LowRankProjection<Scalar>(Method::kq_svd, detail::narrowed<Scalar>(where, "encoder", encoder),
+                                   detail::narrowed<Scalar>(where, "decoder", decoder), singular_values);
 }
 
 }  // namespace kqsvd

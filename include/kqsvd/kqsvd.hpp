@@ -10,6 +10,7 @@
 #pragma once
 
 #include "kqsvd/attention.hpp"
+#include "kqsvd/decode_attention.hpp"
 #include "kqsvd/eigen_attention.hpp"
 #include "kqsvd/error.hpp"
 #include "kqsvd/fidelity.hpp"
@@ -18,12 +19,15 @@
 #include "kqsvd/gram_accumulator.hpp"
 #include "kqsvd/key_query_svd.hpp"
 #include "kqsvd/key_svd.hpp"
+#include "kqsvd/latent_cache.hpp"
+#include "kqsvd/latent_compression.hpp"
 #include "kqsvd/low_rank_projection.hpp"
 #include "kqsvd/method.hpp"
 #include "kqsvd/model_calibration.hpp"
 #include "kqsvd/model_projections.hpp"
 #include "kqsvd/model_shape.hpp"
 #include "kqsvd/output_projection.hpp"
+#include "kqsvd/prefill_attention.hpp"
 #include "kqsvd/rank_selection.hpp"
 #include "kqsvd/rope.hpp"
 #include "kqsvd/spectrum.hpp"

@@ -91,8 +91,9 @@ class LowRankProjection {
 
   template <typename NewScalar>
   LowRankProjection<NewScalar> cast() const {
-    return LowRankProjection<NewScalar>(method_, encoder_.template cast<NewScalar>(),
-                                        decoder_.template cast<NewScalar>(), singular_values_);
+    constexpr const char* where = "kqsvd::LowRankProjection::cast";
+    return LowRankProjection<NewScalar>(method_, detail::narrowed<NewScalar>(where, "encoder", encoder_),
+                                        detail::narrowed<NewScalar>(where, "decoder", decoder_), singular_values_);
   }
 
   // X A: n x d cached rows (keys or values) to n x r latents.

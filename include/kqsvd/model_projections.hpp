@@ -9,14 +9,20 @@
 //   const auto& key_proj = model.keys(layer, kv_head);
 //   kqsvd::CacheFootprint bytes = model.footprint(/*bytes_per_element=*/2);   // fp16 latents
 //   bytes.ratio();   // latent bytes / full-cache bytes per token
+//
+// fit() solves the heads in parallel with OpenMP (OMP_NUM_THREADS threads) when built with it, with
+// bit-identical results for any thread count. For a whole model, FitOptions::svd =
+// SvdAlgorithm::symmetric_eigen is several times faster (see fit_options.hpp for its accuracy).
 #pragma once
 
 #include <Eigen/Core>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "kqsvd/detail/parallel_for.hpp"
 #include "kqsvd/fit.hpp"
 #include "kqsvd/model_calibration.hpp"
 #include "kqsvd/model_shape.hpp"
@@ -72,9 +78,6 @@ class ModelProjections {
                             "holds " + std::to_string(output_weights.size()) + " matrices; KQ-SVD for values needs one " +
                                 "o_proj weight per layer (" + std::to_string(shape.layers) + ")");
     }
-    std::vector<Projection> keys, values;
-    keys.reserve(static_cast<std::size_t>(shape.layers * shape.kv_heads));
-    values.reserve(keys.capacity());
     for (Index l = 0; l < shape.layers; ++l) {
       if (needs_weights && output_weights[static_cast<std::size_t>(l)].cols() != shape.query_heads * shape.head_dim) {
         detail::throw_invalid(where, "output_weights",
@@ -83,16 +86,35 @@ class ModelProjections {
                                   " columns, expected query_heads x head_dim = " +
                                   std::to_string(shape.query_heads * shape.head_dim));
       }
-      for (Index h = 0; h < shape.kv_heads; ++h) {
-        keys.push_back(fit_projection<Scalar>(method, calibration.keys(l, h), calibration.queries(l, h), key_rank, options));
-        const Eigen::MatrixXd output_gram =
-            needs_weights ? output_projection_gram(output_weights[static_cast<std::size_t>(l)], shape.head_dim,
-                                                   shape.first_query_head_of(h), shape.group_size(), combination)
-                          : Eigen::MatrixXd::Zero(shape.head_dim, shape.head_dim);
-        values.push_back(fit_value_projection<Scalar>(method, calibration.values(l, h), output_gram, value_rank, options));
-      }
     }
-    return ModelProjections(shape, std::move(keys), std::move(values));
+    // One task per (layer, KV head), in parallel with OpenMP when built with it. Each head's fit is
+    // the same computation on any thread count (Eigen runs single-threaded inside the region), so the
+    // projections are bit-identical; the first failing head, in head order, is the error reported.
+    const Index heads = shape.layers * shape.kv_heads;
+    std::vector<std::optional<Projection>> keys(static_cast<std::size_t>(heads)), values(keys.size());
+    detail::parallel_for(
+        heads, [] { return 0; },
+        [&](Index head, int) {
+          const Index l = head / shape.kv_heads, h = head % shape.kv_heads;
+          const auto slot = static_cast<std::size_t>(head);
+          keys[slot].emplace(
+              fit_projection<Scalar>(method, calibration.keys(l, h), calibration.queries(l, h), key_rank, options));
+          const Eigen::MatrixXd output_gram =
+              needs_weights ? output_projection_gram(output_weights[static_cast<std::size_t>(l)], shape.head_dim,
+                                                     shape.first_query_head_of(h), shape.group_size(), combination)
+                            : Eigen::MatrixXd::Zero(shape.head_dim, shape.head_dim);
+          values[slot].emplace(
+              fit_value_projection<Scalar>(method, calibration.values(l, h), output_gram, value_rank, options));
+        },
+        /*always_open_region=*/true);
+    std::vector<Projection> key_projections, value_projections;
+    key_projections.reserve(keys.size());
+    value_projections.reserve(values.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      key_projections.push_back(std::move(*keys[i]));
+      value_projections.push_back(std::move(*values[i]));
+    }
+    return ModelProjections(shape, std::move(key_projections), std::move(value_projections));
   }
 
   const ModelShape& shape() const { return shape_; }

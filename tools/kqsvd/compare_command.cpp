@@ -1,9 +1,9 @@
 // kqsvd compare: KQ-SVD, K-SVD and Eigen Attention fitted on the same calibration data, given identical
 // per-head ranks, and measured on the same held-out data; optionally the whole error/compression curve.
+#include <kqsvd/detail/parallel_for.hpp>
 #include <kqsvd/io/atomic_file.hpp>
 #include <kqsvd/spectrum.hpp>
 
-#include <exception>
 #include <iostream>
 
 #include "arguments.hpp"
@@ -39,23 +39,14 @@ the errors compare methods and nothing else. One table (or a JSON list of eval's
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
-// Runs body(i) for i in [0, count), in parallel where OpenMP is available, and rethrows the first error.
+// Runs body(i) for i in [0, count) on the library's OpenMP loop; the error of the lowest failing i is
+// rethrown.
 template <typename Body>
 void parallel_for(std::size_t count, const Body& body) {
-  std::vector<std::exception_ptr> errors(count);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (long i = 0; i < static_cast<long>(count); ++i) {
-    try {
-      body(static_cast<std::size_t>(i));
-    } catch (...) {
-      errors[static_cast<std::size_t>(i)] = std::current_exception();
-    }
-  }
-  for (const std::exception_ptr& error : errors) {
-    if (error) std::rethrow_exception(error);
-  }
+  detail::parallel_for(
+      static_cast<Eigen::Index>(count), [] { return 0; },
+      [&](Eigen::Index i, int& /*no workspace*/) { body(static_cast<std::size_t>(i)); },
+      /*always_open_region=*/false);
 }
 
 // The ranks of the sweep, dense where the curves bend: head_dim times 1/16, 1/8, 3/16, 1/4, 3/8, 1/2,

@@ -8,8 +8,10 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "kqsvd/error.hpp"
 
@@ -55,6 +57,26 @@ void require_finite(const char* function, const char* argument, const Eigen::Den
       }
     }
   }
+}
+
+// `matrix`, computed in double, converted to Scalar. A result beyond Scalar's range (a float projection
+// of keys near 1e-40 has entries near 1e40) is the computation's limit, not the caller's mistake: a
+// NumericalError that says which type would hold it.
+template <typename Scalar, typename Derived>
+Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> narrowed(const char* function, const char* what,
+                                                               const Eigen::MatrixBase<Derived>& matrix) {
+  using Source = typename Derived::Scalar;
+  if constexpr (std::numeric_limits<Scalar>::max() < std::numeric_limits<Source>::max()) {
+    const Source largest = matrix.size() == 0 ? Source(0) : matrix.cwiseAbs().maxCoeff();
+    if (largest > static_cast<Source>(std::numeric_limits<Scalar>::max())) {
+      std::ostringstream out;
+      out << function << ": the " << what << " has entries of magnitude " << largest
+          << ", beyond the range of " << (std::is_same_v<Scalar, float> ? "float" : "the requested scalar type")
+          << " (largest " << std::numeric_limits<Scalar>::max() << "); fit in double, or rescale the data";
+      throw NumericalError(out.str());
+    }
+  }
+  return matrix.template cast<Scalar>();
 }
 
 }  // namespace kqsvd::detail
