@@ -250,7 +250,7 @@ int main(int argc, char** argv) {
                 "speedup", "ideal 2d/(rk+rv)", "speedup / ideal"});
   const double threads = r.value("ceiling/bw", "threads");
   // Bandwidth a decode could reach on `threads` cores if its compute cost per token were its only limit.
-  auto compute_bound = [&](const std::string& compute_name, double bytes_per_token, const std::string& run) {
+  auto compute_bound = [&](const std::string& compute_name, double bytes_per_token, const std::string& run) -> double {
     const json* entry = r.find(compute_name);
     if (entry == nullptr) return NAN;
     const double per_token = r.seconds(compute_name, "cpu_time") / entry->at("tokens").get<double>();
