@@ -20,6 +20,8 @@ using Eigen::Index;
 using Eigen::MatrixXd;
 using kqsvd::test::gaussian;
 using kqsvd::test::with_threads;
+
+using kqsvd::test::expect_invalid;
 using FloatRows = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <typename Storage>
 using StorageRows = Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -31,16 +33,6 @@ template <typename A, typename B>
 double relative_error(const A& actual, const B& expected) {
   const MatrixXd a = actual.template cast<double>(), e = expected.template cast<double>();
   return (a - e).norm() / e.norm();
-}
-
-template <typename Function>
-void expect_invalid_argument(Function&& call, const std::string& expected_fragment) {
-  try {
-    call();
-    FAIL() << "expected InvalidArgument mentioning: " << expected_fragment;
-  } catch (const kqsvd::InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find(expected_fragment), std::string::npos) << e.what();
-  }
 }
 
 struct Head {
@@ -200,36 +192,36 @@ TEST(FusedAttention, RejectsBadInputByName) {
   const Projections p = fit(head, 4, 3);
   kqsvd::LatentCache<float> cache(p.keys, p.values);
 
-  expect_invalid_argument([&] { kqsvd::decode_attention(q.row(0).head(7), k, v); },
+  expect_invalid([&] { kqsvd::decode_attention(q.row(0).head(7), k, v); },
                           "kqsvd::decode_attention: argument 'query' is 1 x 7, expected 1 x 8");
-  expect_invalid_argument([&] { kqsvd::decode_attention(q.topRows(2), k, v); }, "argument 'query' is 2 x 8");
-  expect_invalid_argument([&] { kqsvd::decode_attention(q.row(0), k, v.topRows(19)); },
+  expect_invalid([&] { kqsvd::decode_attention(q.topRows(2), k, v); }, "argument 'query' is 2 x 8");
+  expect_invalid([&] { kqsvd::decode_attention(q.row(0), k, v.topRows(19)); },
                           "argument 'values' has 19 rows, keys have 20");
-  expect_invalid_argument([&] { kqsvd::decode_attention(q.row(0), k.topRows(0), v.topRows(0)); },
+  expect_invalid([&] { kqsvd::decode_attention(q.row(0), k.topRows(0), v.topRows(0)); },
                           "argument 'keys' must hold at least one token");
   Eigen::RowVectorXf bad_query = q.row(0);
   bad_query(3) = std::numeric_limits<float>::quiet_NaN();
-  expect_invalid_argument([&] { kqsvd::decode_attention(bad_query, k, v); },
+  expect_invalid([&] { kqsvd::decode_attention(bad_query, k, v); },
                           "argument 'query' contains a non-finite value (nan) at row 0, column 3");
 
-  expect_invalid_argument([&] { kqsvd::decode_attention(p.keys, p.values, q.row(0), cache); },
+  expect_invalid([&] { kqsvd::decode_attention(p.keys, p.values, q.row(0), cache); },
                           "argument 'cache' holds no tokens");
   cache.append(p.keys, p.values, k, v);
-  expect_invalid_argument([&] { kqsvd::decode_attention(p.values, p.values, q.row(0), cache); },
+  expect_invalid([&] { kqsvd::decode_attention(p.values, p.values, q.row(0), cache); },
                           "argument 'key_projection' has 3 columns, expected 4");
-  expect_invalid_argument([&] { kqsvd::decode_attention(p.keys, p.keys, q.row(0), cache); },
+  expect_invalid([&] { kqsvd::decode_attention(p.keys, p.keys, q.row(0), cache); },
                           "argument 'value_projection' has 4 columns, expected 3");
-  expect_invalid_argument([&] { kqsvd::decode_attention(p.keys, p.values, q.row(0).head(5), cache); },
+  expect_invalid([&] { kqsvd::decode_attention(p.keys, p.values, q.row(0).head(5), cache); },
                           "argument 'query' is 1 x 5, expected 1 x 8");
 
-  expect_invalid_argument([&] { kqsvd::prefill_attention(q.leftCols(7), k, v); },
+  expect_invalid([&] { kqsvd::prefill_attention(q.leftCols(7), k, v); },
                           "kqsvd::prefill_attention: argument 'queries' has 7 columns, expected 8");
-  expect_invalid_argument([&] { kqsvd::prefill_attention(q.topRows(5), k, v, 16); }, "argument 'query_offset' is 16");
-  expect_invalid_argument([&] { kqsvd::prefill_attention(q, k.topRows(10), v.topRows(10)); },
+  expect_invalid([&] { kqsvd::prefill_attention(q.topRows(5), k, v, 16); }, "argument 'query_offset' is 16");
+  expect_invalid([&] { kqsvd::prefill_attention(q, k.topRows(10), v.topRows(10)); },
                           "argument 'query_offset'");
-  expect_invalid_argument([&] { kqsvd::prefill_attention(p.keys, p.values, q.leftCols(6), cache); },
+  expect_invalid([&] { kqsvd::prefill_attention(p.keys, p.values, q.leftCols(6), cache); },
                           "argument 'queries' has 6 columns, expected 8");
-  expect_invalid_argument([&] { kqsvd::prefill_attention(p.keys, p.keys, q, cache); },
+  expect_invalid([&] { kqsvd::prefill_attention(p.keys, p.keys, q, cache); },
                           "argument 'value_projection' has 4 columns, expected 3");
 }
 

@@ -49,9 +49,7 @@ using kqsvd::test::gaussian;
 constexpr double nan = std::numeric_limits<double>::quiet_NaN();
 constexpr double inf = std::numeric_limits<double>::infinity();
 
-void expect_invalid(const std::function<void()>& call, const std::string& fragment) {
-  kqsvd::test::expect_error<kqsvd::InvalidArgument>(call, fragment);
-}
+using kqsvd::test::expect_invalid;
 
 MatrixXd with_entry(MatrixXd m, Index row, Index col, double value) {
   m(row, col) = value;

@@ -20,6 +20,8 @@ namespace {
 using Eigen::Index;
 using kqsvd::test::gaussian;
 using kqsvd::test::with_threads;
+
+using kqsvd::test::expect_invalid;
 using FloatRows = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <typename Storage>
 using StorageRows = Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -36,16 +38,6 @@ double max_relative_rounding(const FloatRows& stored, const FloatRows& exact) {
     }
   }
   return worst;
-}
-
-template <typename Function>
-void expect_invalid_argument(Function&& call, const std::string& expected_fragment) {
-  try {
-    call();
-    FAIL() << "expected InvalidArgument mentioning: " << expected_fragment;
-  } catch (const kqsvd::InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find(expected_fragment), std::string::npos) << e.what();
-  }
 }
 
 kqsvd::LowRankProjection<float> random_projection(Index d, Index r, unsigned seed) {
@@ -180,16 +172,16 @@ TEST(LatentCache, RejectsBadInputByNameAndStaysUnchanged) {
   kqsvd::LatentCache<Eigen::half> cache(4, 3);
   cache.append(random_rows(10, 4, 9), random_rows(10, 3, 10));
   const FloatRows keys_before = cache.keys();
-  expect_invalid_argument([&] { cache.append(random_rows(2, 5, 1), random_rows(2, 3, 1)); },
+  expect_invalid([&] { cache.append(random_rows(2, 5, 1), random_rows(2, 3, 1)); },
                           "kqsvd::LatentCache::append: argument 'key_latents' has 5 columns, expected 4");
-  expect_invalid_argument([&] { cache.append(random_rows(2, 4, 1), random_rows(3, 3, 1)); }, "argument 'values' has 3 rows");
+  expect_invalid([&] { cache.append(random_rows(2, 4, 1), random_rows(3, 3, 1)); }, "argument 'values' has 3 rows");
   FloatRows bad = random_rows(100, 4, 2);
   bad(70, 1) = std::numeric_limits<float>::quiet_NaN();
-  expect_invalid_argument([&] { cache.append(bad, random_rows(100, 3, 3)); },
+  expect_invalid([&] { cache.append(bad, random_rows(100, 3, 3)); },
                           "argument 'key_latents' contains a non-finite value (nan) at row 70, column 1");
   FloatRows too_large = random_rows(100, 3, 4);
   too_large(90, 2) = 1e5f;  // beyond float16's 65504, in the second internal block
-  expect_invalid_argument([&] { cache.append(random_rows(100, 4, 5), too_large); },
+  expect_invalid([&] { cache.append(random_rows(100, 4, 5), too_large); },
                           "argument 'value_latents' value 100000 at row 90, column 2 is beyond the range of float16");
   EXPECT_EQ(cache.size(), 10);
   EXPECT_EQ(cache.keys(), keys_before);
@@ -197,24 +189,24 @@ TEST(LatentCache, RejectsBadInputByNameAndStaysUnchanged) {
   const auto kp = random_projection(8, 4, 50), vp = random_projection(8, 3, 60);
   FloatRows k = random_rows(300, 8, 11);
   k(260, 5) = std::numeric_limits<float>::infinity();
-  expect_invalid_argument([&] { cache.append(kp, vp, k, random_rows(300, 8, 12)); },
+  expect_invalid([&] { cache.append(kp, vp, k, random_rows(300, 8, 12)); },
                           "kqsvd::LatentCache::append: argument 'keys' contains a non-finite value (inf) at row 260, column 5");
-  expect_invalid_argument([&] { cache.append(kp, kp, random_rows(3, 8, 1), random_rows(3, 8, 1)); },
+  expect_invalid([&] { cache.append(kp, kp, random_rows(3, 8, 1), random_rows(3, 8, 1)); },
                           "argument 'value_projection' has 4 columns, expected 3");
-  expect_invalid_argument([&] { cache.append(kp, vp, random_rows(3, 7, 1), random_rows(3, 8, 1)); },
+  expect_invalid([&] { cache.append(kp, vp, random_rows(3, 7, 1), random_rows(3, 8, 1)); },
                           "argument 'keys' has 7 columns, expected 8");
   EXPECT_THROW(cache.append(kp, vp, (random_rows(3, 8, 1) * 1e6f).eval(), random_rows(3, 8, 1)), kqsvd::NumericalError);
   EXPECT_EQ(cache.size(), 10);
   EXPECT_EQ(cache.keys(), keys_before);
 
-  expect_invalid_argument([] { kqsvd::LatentCache<float>(0, 3); }, "argument 'key_width' must be positive");
-  expect_invalid_argument([&] { cache.reserve(-1); }, "argument 'tokens' must be >= 0");
+  expect_invalid([] { kqsvd::LatentCache<float>(0, 3); }, "argument 'key_width' must be positive");
+  expect_invalid([&] { cache.reserve(-1); }, "argument 'tokens' must be >= 0");
 
   StorageRows<Eigen::half> latents(300, 4);
-  expect_invalid_argument([&] { kqsvd::compress_into(kp, k, latents); },
+  expect_invalid([&] { kqsvd::compress_into(kp, k, latents); },
                           "kqsvd::compress_into: argument 'rows' contains a non-finite value (inf) at row 260, column 5");
   StorageRows<Eigen::half> wrong(299, 4);
-  expect_invalid_argument([&] { kqsvd::compress_into(kp, random_rows(300, 8, 13), wrong); },
+  expect_invalid([&] { kqsvd::compress_into(kp, random_rows(300, 8, 13), wrong); },
                           "argument 'latents' is 299 x 4, expected 300 x 4");
   EXPECT_THROW(kqsvd::compress_into(kp, (random_rows(300, 8, 14) * 1e6f).eval(), latents), kqsvd::NumericalError);
 }

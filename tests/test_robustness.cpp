@@ -109,9 +109,7 @@ TEST(IllConditioned, FloatInputMatchesDoubleInput) {
 // --- invalid input --------------------------------------------------------------------------------
 
 // Every check names the argument; the fragments below are the user-visible contract.
-void expect_invalid(const std::function<void()>& call, const std::string& fragment) {
-  kqsvd::test::expect_error<kqsvd::InvalidArgument>(call, fragment);
-}
+using kqsvd::test::expect_invalid;
 
 TEST(InvalidInput, FitRejectsBadGramsRanksAndBudgets) {
   const MatrixXd g = gaussian(50, 8, 16).transpose() * gaussian(50, 8, 16);

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <random>
 #include <string>
+#include <utility>
 
 #include "kqsvd/low_rank_projection.hpp"
 
@@ -81,6 +82,12 @@ void expect_error(Function&& function, const std::string& problem, const std::st
       EXPECT_NE(message.find(path), std::string::npos) << "message: " << message;
     }
   }
+}
+
+// An InvalidArgument whose message contains `fragment`.
+template <typename Function>
+void expect_invalid(Function&& call, const std::string& fragment) {
+  expect_error<InvalidArgument>(std::forward<Function>(call), fragment);
 }
 
 // Runs call() with OpenMP set to `threads` threads (serially when built without OpenMP), then restores
