@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -39,7 +41,10 @@ class Results {
   void load(const std::string& path) {
     std::ifstream file(path);
     if (!file) throw std::runtime_error("cannot open " + path);
-    const json document = json::parse(file);
+    // Google Benchmark writes a counter it could not compute (the spread of a value measured once) as a
+    // bare NaN, which is not JSON: read it as null.
+    const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    const json document = json::parse(std::regex_replace(text, std::regex(R"((:\s*)-?(NaN|nan|inf|Infinity)\b)"), "$1null"));
     if (context_.is_null()) context_ = document.at("context");
     std::map<std::string, json> single;
     for (const json& entry : document.at("benchmarks")) {
