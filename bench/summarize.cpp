@@ -137,8 +137,8 @@ int main(int argc, char** argv) {
   std::vector<Target> targets;
   const json& ctx = r.context();
   std::cout << "Machine: " << ctx.value("num_cpus", 0) << " CPUs at " << ctx.value("mhz_per_cpu", 0)
-            << " MHz (as reported), " << ctx.value("host_name", std::string("?")) << "; library build: "
-            << ctx.value("library_build_type", std::string("?")) << "\n\n";
+            << " MHz (as reported), " << ctx.value("host_name", std::string("?")) << "; bench/run_summary.sh builds kqsvd Release, -march=native (Google Benchmark's own library: "
+            << ctx.value("library_build_type", std::string("?")) << " build, which does not time kqsvd's code)\n\n";
 
   // --- ceilings -------------------------------------------------------------------------------------
   const double bw = r.value("ceiling/bw", "bw_ceiling"), sgemm = r.value("ceiling/sgemm", "sgemm_ceiling"),
@@ -219,9 +219,12 @@ int main(int argc, char** argv) {
   std::cout << '\n';
   targets.push_back({">= 10x faster than the QR route at n = 256k (solve from Grams)", fixed(ratio_256k, 0) + "x",
                      ratio_256k >= 10.0});
-  targets.push_back({"Fit memory independent of the token count", "peak " + fixed(peak_small, 1) + " MiB at 16k, " +
-                                                                       fixed(peak_large, 1) + " MiB at 1M",
-                     std::abs(peak_large - peak_small) < 4.0});
+  // Resident memory above the baseline: the 16k run allocates the stream's block buffers and the Grams
+  // first; later runs reuse what the allocator kept, so their peak above baseline can be 0. The target is
+  // that the peak does not grow with the token count.
+  targets.push_back({"Fit memory independent of the token count (peak above baseline does not grow)",
+                     "peak " + fixed(peak_small, 1) + " MiB at 16k, " + fixed(peak_large, 1) + " MiB at 1M",
+                     peak_large <= peak_small + 4.0});
 
   // --- compress -------------------------------------------------------------------------------------
   std::cout << "### Compress: keys n x 128 float -> n x r latents (pool of 256 MiB of keys)\n\n";
