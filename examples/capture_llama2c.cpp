@@ -26,10 +26,13 @@
 #include <string>
 #include <vector>
 
+#include "command_line.hpp"
+
 namespace {
 
-constexpr int exit_data_error = 1;
-constexpr int exit_usage = 2;
+using example::exit_data_error;
+using example::exit_usage;
+using example::parse_integer;
 
 struct Arguments {
   std::string model;
@@ -64,16 +67,6 @@ void print_usage(std::ostream& out) {
          "  --no-o-proj   leave out the output-projection weights (layers.{l}.o_proj), e.g. from a held-out\n"
          "                set whose weights the calibration file already carries\n"
          "  --out         output file, written atomically; an existing file is kept unless --force\n";
-}
-
-std::optional<long> parse_integer(const std::string& text) {
-  if (text.empty() || text.size() > 12) return std::nullopt;
-  long value = 0;
-  for (const char c : text) {
-    if (c < '0' || c > '9') return std::nullopt;
-    value = value * 10 + (c - '0');
-  }
-  return value;
 }
 
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
@@ -114,15 +107,13 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     } else if (flag == "--name") {
       arguments.name = value;
     } else if (flag == "--stories") {
-      const std::size_t colon = value.find(':');
-      const auto first = parse_integer(value.substr(0, colon));
-      const auto end = colon == std::string::npos ? std::nullopt : parse_integer(value.substr(colon + 1));
-      if (!first || !end || *end <= *first) {
+      const auto range = example::parse_story_range(value);
+      if (!range) {
         std::cerr << "capture_llama2c: --stories must be A:B with 0 <= A < B, got '" << value << "'\n";
         return std::nullopt;
       }
-      arguments.first_story = *first;
-      arguments.end_story = *end;
+      arguments.first_story = static_cast<long>(range->first);
+      arguments.end_story = static_cast<long>(range->last);
       have_stories = true;
     } else if (flag == "--max-tokens") {
       const auto tokens = parse_integer(value);
@@ -238,19 +229,5 @@ int capture(const Arguments& arguments) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::optional<Arguments> arguments = parse_arguments(argc, argv);
-  if (!arguments) {
-    print_usage(std::cerr);
-    return exit_usage;
-  }
-  if (arguments->help) {
-    print_usage(std::cout);
-    return 0;
-  }
-  try {
-    return capture(*arguments);
-  } catch (const kqsvd::Error& e) {
-    std::cerr << "capture_llama2c: " << e.what() << '\n';
-    return exit_data_error;
-  }
+  return example::run_command("capture_llama2c", parse_arguments(argc, argv), print_usage, capture);
 }

@@ -33,10 +33,10 @@
 #include <string>
 #include <vector>
 
+#include "command_line.hpp"
+
 namespace {
 
-constexpr int exit_data_error = 1;
-constexpr int exit_usage = 2;
 
 struct Arguments {
   std::string model;
@@ -74,16 +74,6 @@ void print_usage(std::ostream& out) {
          "Greedy decoding (temperature 0); stops early at BOS, as llama2.c does.\n";
 }
 
-bool parse_long(const std::string& text, long& value) {
-  std::size_t parsed = 0;
-  try {
-    value = std::stol(text, &parsed);
-  } catch (const std::exception&) {
-    return false;
-  }
-  return parsed == text.size();
-}
-
 // Returns nullopt (after printing why) if the command line is unusable.
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
   Arguments arguments;
@@ -110,8 +100,8 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     } else if (flag == "--prompt") {
       arguments.prompt = value;
     } else if (flag == "--steps") {
-      long steps = -1;
-      if (!parse_long(value, steps) || steps < 0) return fail("--steps must be a non-negative integer, got '" + value + "'");
+      const std::optional<long> steps = example::parse_integer(value);
+      if (!steps || *steps < 0) return fail("--steps must be a non-negative integer, got '" + value + "'");
       arguments.steps = steps;
     } else if (flag == "--method") {
       if (value == "full") {
@@ -124,18 +114,12 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
         }
       }
     } else if (flag == "--rank") {
-      long rank = 0;
-      if (!parse_long(value, rank) || rank < 1) return fail("--rank must be a positive integer, got '" + value + "'");
+      const std::optional<long> rank = example::parse_integer(value);
+      if (!rank || *rank < 1) return fail("--rank must be a positive integer, got '" + value + "'");
       arguments.rank = rank;
     } else if (flag == "--eps") {
-      std::size_t parsed = 0;
-      double epsilon = 0.0;
-      try {
-        epsilon = std::stod(value, &parsed);
-      } catch (const std::exception&) {
-        parsed = 0;
-      }
-      if (parsed != value.size() || !(epsilon > 0.0 && epsilon < 1.0)) {
+      const std::optional<double> epsilon = example::parse_number(value);
+      if (!epsilon || !(*epsilon > 0.0 && *epsilon < 1.0)) {
         return fail("--eps must be a number in (0, 1), got '" + value + "'");
       }
       arguments.epsilon = epsilon;
@@ -146,23 +130,19 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
         return fail(e.what());
       }
     } else if (flag == "--window") {
-      if (!parse_long(value, arguments.window) || arguments.window < 0) {
-        return fail("--window must be a non-negative integer, got '" + value + "'");
-      }
+      const std::optional<long> window = example::parse_integer(value);
+      if (!window || *window < 0) return fail("--window must be a non-negative integer, got '" + value + "'");
+      arguments.window = *window;
     } else if (flag == "--storage") {
       if (value != "f32" && value != "f16") return fail("--storage must be f32 or f16, got '" + value + "'");
       arguments.half = value == "f16";
     } else if (flag == "--calib-text") {
       arguments.calibration_text = value;
     } else if (flag == "--calib-stories") {
-      const std::size_t colon = value.find(':');
-      long first = 0, last = 0;
-      if (colon == std::string::npos || !parse_long(value.substr(0, colon), first) ||
-          !parse_long(value.substr(colon + 1), last) || first < 0 || last <= first) {
-        return fail("--calib-stories must be A:B with 0 <= A < B, got '" + value + "'");
-      }
-      arguments.calibration_first = static_cast<std::size_t>(first);
-      arguments.calibration_last = static_cast<std::size_t>(last);
+      const std::optional<example::StoryRange> range = example::parse_story_range(value);
+      if (!range) return fail("--calib-stories must be A:B with 0 <= A < B, got '" + value + "'");
+      arguments.calibration_first = range->first;
+      arguments.calibration_last = range->last;
     } else {
       return fail("unknown option " + flag);
     }
@@ -227,63 +207,50 @@ std::unique_ptr<kqsvd::llama::KvCache> compressed_cache(const Arguments& argumen
                                                     arguments.window);
 }
 
+int generate(const Arguments& arguments) {
+  using namespace kqsvd::llama;
+  const Transformer model(Checkpoint::load(arguments.model));
+  const Tokenizer tokenizer = Tokenizer::load(arguments.tokenizer, model.config().vocab_size);
+  const std::vector<int> prompt = tokenizer.encode(arguments.prompt, true, false);
+  const auto room = static_cast<long>(model.config().seq_len) - static_cast<long>(prompt.size());
+  const long steps = arguments.steps.value_or(room > 0 ? room : 0);
+
+  std::unique_ptr<KvCache> cache;
+  if (arguments.method) {
+    cache = compressed_cache(arguments, model, tokenizer);
+  } else {
+    cache = std::make_unique<FullKvCache>(model.attention_shape());
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<int> generated = generate_greedy(model, prompt, steps, *cache);
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  print_text(tokenizer, prompt, generated);
+  std::cerr << generated.size() << " tokens in " << elapsed.count() << " s ("
+            << static_cast<double>(prompt.size() + generated.size()) / elapsed.count() << " tok/s)\n";
+
+  // The last generated token is never appended (generation stops after choosing it).
+  const Eigen::Index held = cache->next_position(0);
+  const std::size_t full_bytes =
+      2 * static_cast<std::size_t>(model.config().n_layers * held * model.attention_shape().kv_width()) * sizeof(float);
+  std::cerr << "KV cache: " << cache->bytes() << " bytes for " << held << " tokens; the full cache holds "
+            << full_bytes << " bytes (" << 100.0 * static_cast<double>(cache->bytes()) / static_cast<double>(full_bytes)
+            << " %)\n";
+
+  if (arguments.compare && arguments.method) {
+    FullKvCache full(model.attention_shape());
+    const std::vector<int> reference = generate_greedy(model, prompt, steps, full);
+    std::cout << "--- full cache:\n";
+    print_text(tokenizer, prompt, reference);
+    std::size_t same = 0;
+    while (same < generated.size() && same < reference.size() && generated[same] == reference[same]) ++same;
+    std::cerr << "the compressed cache follows the full cache for " << same << " of " << reference.size()
+              << " generated tokens\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::optional<Arguments> arguments = parse_arguments(argc, argv);
-  if (!arguments) {
-    print_usage(std::cerr);
-    return exit_usage;
-  }
-  if (arguments->help) {
-    print_usage(std::cout);
-    return 0;
-  }
-  try {
-    using namespace kqsvd::llama;
-    const Transformer model(Checkpoint::load(arguments->model));
-    const Tokenizer tokenizer = Tokenizer::load(arguments->tokenizer, model.config().vocab_size);
-    const std::vector<int> prompt = tokenizer.encode(arguments->prompt, true, false);
-    const auto room = static_cast<long>(model.config().seq_len) - static_cast<long>(prompt.size());
-    const long steps = arguments->steps.value_or(room > 0 ? room : 0);
-
-    std::unique_ptr<KvCache> cache;
-    if (arguments->method) {
-      cache = compressed_cache(*arguments, model, tokenizer);
-    } else {
-      cache = std::make_unique<FullKvCache>(model.attention_shape());
-    }
-    const auto start = std::chrono::steady_clock::now();
-    const std::vector<int> generated = generate_greedy(model, prompt, steps, *cache);
-    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
-    print_text(tokenizer, prompt, generated);
-    std::cerr << generated.size() << " tokens in " << elapsed.count() << " s ("
-              << static_cast<double>(prompt.size() + generated.size()) / elapsed.count() << " tok/s)\n";
-
-    // The last generated token is never appended (generation stops after choosing it).
-    const Eigen::Index held = cache->next_position(0);
-    const std::size_t full_bytes =
-        2 * static_cast<std::size_t>(model.config().n_layers * held * model.attention_shape().kv_width()) * sizeof(float);
-    std::cerr << "KV cache: " << cache->bytes() << " bytes for " << held << " tokens; the full cache holds "
-              << full_bytes << " bytes (" << 100.0 * static_cast<double>(cache->bytes()) / static_cast<double>(full_bytes)
-              << " %)\n";
-
-    if (arguments->compare && arguments->method) {
-      FullKvCache full(model.attention_shape());
-      const std::vector<int> reference = generate_greedy(model, prompt, steps, full);
-      std::cout << "--- full cache:\n";
-      print_text(tokenizer, prompt, reference);
-      std::size_t same = 0;
-      while (same < generated.size() && same < reference.size() && generated[same] == reference[same]) ++same;
-      std::cerr << "the compressed cache follows the full cache for " << same << " of " << reference.size()
-                << " generated tokens\n";
-    }
-    return 0;
-  } catch (const kqsvd::InvalidArgument& e) {
-    std::cerr << "generate: " << e.what() << '\n';
-    return exit_usage;
-  } catch (const kqsvd::Error& e) {
-    std::cerr << "generate: " << e.what() << '\n';
-    return exit_data_error;
-  }
+  return example::run_command("generate", parse_arguments(argc, argv), print_usage, generate);
 }

@@ -54,6 +54,8 @@
 #include <utility>
 #include <vector>
 
+#include "command_line.hpp"
+
 namespace {
 
 using Eigen::Index;
@@ -63,15 +65,11 @@ using kqsvd::llama::RopeMode;
 using kqsvd::llama::RowMatrix;
 using kqsvd::llama::Transformer;
 
-constexpr int exit_data_error = 1;
-constexpr int exit_usage = 2;
 
 // ------------------------------------------------------------------------------------------------
 // Arguments
 
-struct StoryRange {
-  std::size_t first = 0, last = 0;
-};
+using example::StoryRange;
 
 enum class Storage { f32, f16 };
 
@@ -99,26 +97,6 @@ void print_usage(std::ostream& out) {
          "  --ratios         target compression ratios: latent bytes / full-cache bytes, window excluded\n"
          "  --window         also evaluate with the most recent W tokens exact (default 32; 0: only W = 0)\n"
          "  --storage        latent element type (default f32)\n";
-}
-
-bool parse_long(const std::string& text, long& value) {
-  std::size_t parsed = 0;
-  try {
-    value = std::stol(text, &parsed);
-  } catch (const std::exception&) {
-    return false;
-  }
-  return parsed == text.size();
-}
-
-std::optional<StoryRange> parse_range(const std::string& text) {
-  const std::size_t colon = text.find(':');
-  long first = 0, last = 0;
-  if (colon == std::string::npos || !parse_long(text.substr(0, colon), first) ||
-      !parse_long(text.substr(colon + 1), last) || first < 0 || last <= first) {
-    return std::nullopt;
-  }
-  return StoryRange{static_cast<std::size_t>(first), static_cast<std::size_t>(last)};
 }
 
 std::vector<std::string> split_list(const std::string& text) {
@@ -150,34 +128,26 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     } else if (flag == "--text") {
       arguments.text = value;
     } else if (flag == "--calib-stories" || flag == "--eval-stories") {
-      const std::optional<StoryRange> range = parse_range(value);
+      const std::optional<StoryRange> range = example::parse_story_range(value);
       if (!range) return fail(flag + " must be A:B with 0 <= A < B, got '" + value + "'");
       (flag == "--calib-stories" ? arguments.calibration : arguments.evaluation) = *range;
       (flag == "--calib-stories" ? have_calibration : have_evaluation) = true;
     } else if (flag == "--max-tokens") {
-      long tokens = 0;
-      if (!parse_long(value, tokens) || tokens < 2) return fail("--max-tokens must be an integer >= 2, got '" + value + "'");
-      arguments.max_tokens = tokens;
+      const std::optional<long> tokens = example::parse_integer(value);
+      if (!tokens || *tokens < 2) return fail("--max-tokens must be an integer >= 2, got '" + value + "'");
+      arguments.max_tokens = *tokens;
     } else if (flag == "--ratios") {
       arguments.ratios.clear();
       for (const std::string& item : split_list(value)) {
-        std::size_t parsed = 0;
-        double ratio = 0.0;
-        try {
-          ratio = std::stod(item, &parsed);
-        } catch (const std::exception&) {
-          parsed = 0;
-        }
-        if (parsed != item.size() || !(ratio > 0.0 && ratio <= 1.0)) {
-          return fail("--ratios must be numbers in (0, 1], got '" + item + "'");
-        }
-        arguments.ratios.push_back(ratio);
+        const std::optional<double> ratio = example::parse_number(item);
+        if (!ratio || !(*ratio > 0.0 && *ratio <= 1.0)) return fail("--ratios must be numbers in (0, 1], got '" + item + "'");
+        arguments.ratios.push_back(*ratio);
       }
       if (arguments.ratios.empty()) return fail("--ratios is empty");
     } else if (flag == "--window") {
-      if (!parse_long(value, arguments.window) || arguments.window < 0) {
-        return fail("--window must be an integer >= 0, got '" + value + "'");
-      }
+      const std::optional<long> window = example::parse_integer(value);
+      if (!window || *window < 0) return fail("--window must be an integer >= 0, got '" + value + "'");
+      arguments.window = *window;
     } else if (flag == "--storage") {
       if (value != "f32" && value != "f16") return fail("--storage must be f32 or f16, got '" + value + "'");
       arguments.storage = value == "f32" ? Storage::f32 : Storage::f16;
@@ -724,24 +694,8 @@ int run(const Arguments& arguments, const std::string& command) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::optional<Arguments> arguments = parse_arguments(argc, argv);
-  if (!arguments) {
-    print_usage(std::cerr);
-    return exit_usage;
-  }
-  if (arguments->help) {
-    print_usage(std::cout);
-    return 0;
-  }
   std::string command = "quality_vs_compression";
   for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
-  try {
-    return run(*arguments, command);
-  } catch (const kqsvd::InvalidArgument& e) {
-    std::cerr << "quality_vs_compression: " << e.what() << '\n';
-    return exit_usage;
-  } catch (const kqsvd::Error& e) {
-    std::cerr << "quality_vs_compression: " << e.what() << '\n';
-    return exit_data_error;
-  }
+  return example::run_command("quality_vs_compression", parse_arguments(argc, argv), print_usage,
+                              [&](const Arguments& arguments) { return run(arguments, command); });
 }

@@ -83,3 +83,117 @@ TEST(GramAccumulator, RejectsBadInputAndStaysUnchanged) {
 }
 
 }  // namespace
+
+namespace {
+
+using RowMajorFloat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// gram() of `x` added in consecutive blocks of the given lengths (the last block takes the rest).
+template <typename Rows>
+MatrixXd gram_of_blocks(const Rows& x, const std::vector<Index>& lengths) {
+  GramAccumulator g(x.cols());
+  Index first = 0;
+  for (const Index length : lengths) {
+    if (first >= x.rows()) break;
+    const Index count = std::min(length, x.rows() - first);
+    g.add(x.middleRows(first, count));
+    first += count;
+  }
+  if (first < x.rows()) g.add(x.bottomRows(x.rows() - first));
+  EXPECT_EQ(g.token_count(), x.rows());
+  return g.gram();
+}
+
+}  // namespace
+
+// The determinism guarantee across splits: chunk and task boundaries sit at absolute positions in the
+// stream, so any cut of the same token sequence into add() calls gives the same bytes. Dimensions with
+// chunks that divide a task (d = 64: 128-token chunks), that do not (d = 100: 81), and wide chunks (d = 3:
+// 256); cuts mid-chunk, on chunk and task boundaries, single tokens, and blocks spanning many tasks.
+TEST(GramAccumulator, ByteIdenticalForAnySplitOfTheStream) {
+  for (const Index d : {3, 64, 100}) {
+    const Index n = 9000;  // 4 whole tasks and a partial one
+    const MatrixXd x = gaussian(n, d, static_cast<unsigned>(d));
+    const MatrixXd one_block = gram_of_blocks(x, {});
+    const std::vector<std::vector<Index>> splits = {
+        {1, 1, 1, 5000},                   // single tokens, then a block of several tasks
+        {2047, 1, 2048, 2049},             // around a task boundary
+        {81, 81, 128, 128, 256, 4000},     // on and off chunk boundaries
+        {4095, 4097},                      // parallel whole tasks after a partial one
+        {3000, 3000, 3000},                // thirds
+        {7, 700, 13, 1300, 6000},
+    };
+    for (const auto& split : splits) {
+      const MatrixXd g = gram_of_blocks(x, split);
+      EXPECT_EQ(g, one_block) << "d = " << d << ", first block " << split.front();
+    }
+    // Many small irregular blocks, tokens one to 300 at a time.
+    std::vector<Index> irregular;
+    for (Index i = 0; i < 200; ++i) irregular.push_back(1 + (i * 37) % 300);
+    EXPECT_EQ(gram_of_blocks(x, irregular), one_block) << "d = " << d;
+    // ... and the same bytes on any thread count.
+    for (const int threads : {1, 2, 3}) {
+      kqsvd::test::with_threads(threads, [&] {
+        EXPECT_EQ(gram_of_blocks(x, {4095, 4097}), one_block) << threads << " threads";
+      });
+    }
+    // Independent check: the direct product in double.
+    const MatrixXd direct = x.transpose() * x;
+    EXPECT_LT((one_block - direct).norm(), 1e-12 * direct.norm());
+  }
+}
+
+// The same values as float or double, row- or column-major, a Matrix or a Map: the same bytes.
+TEST(GramAccumulator, ByteIdenticalForAnyStorageOrderAndScalarOfTheSameValues) {
+  const Index n = 5000, d = 48;
+  const Eigen::MatrixXf column_major = gaussian(n, d, 7).cast<float>();
+  const RowMajorFloat row_major = column_major;
+  const MatrixXd widened = column_major.cast<double>();
+  const MatrixXd reference = gram_of_blocks(row_major, {});
+  EXPECT_EQ(gram_of_blocks(column_major, {}), reference);
+  EXPECT_EQ(gram_of_blocks(widened, {333, 2500}), reference);
+  EXPECT_EQ(gram_of_blocks(column_major, {1, 4096}), reference);
+  const Eigen::Map<const RowMajorFloat> map(row_major.data(), n, d);
+  EXPECT_EQ(gram_of_blocks(map, {2048, 1}), reference);
+  // Exactness: products of floats are exact in double, so only the order of sums separates these from
+  // the direct product.
+  const MatrixXd direct = widened.transpose() * widened;
+  EXPECT_LT((reference - direct).norm(), 1e-12 * direct.norm());
+}
+
+// A rejected block leaves the accumulator as it was, wherever in a chunk or task the stream stood: the
+// tokens that follow give the same bytes as if the rejected block had never been offered.
+TEST(GramAccumulator, RejectedBlocksMidStreamChangeNoByte) {
+  const Index n = 6000, d = 16;
+  const MatrixXd x = gaussian(n, d, 8);
+  const MatrixXd expected = gram_of_blocks(x, {});
+  for (const Index cut : {Index{5}, Index{128}, Index{2047}, Index{2100}}) {
+    for (const Index bad_rows : {Index{3}, Index{300}, Index{5000}}) {
+      GramAccumulator g(d);
+      g.add(x.topRows(cut));
+      MatrixXd bad = gaussian(bad_rows, d, 9);
+      bad(bad_rows - 1, 4) = std::numeric_limits<double>::infinity();
+      EXPECT_THROW(g.add(bad), kqsvd::InvalidArgument);
+      MatrixXd huge = gaussian(bad_rows, d, 10);
+      huge(bad_rows / 2, 3) = 1e200;  // its square overflows: refused as a NumericalError
+      EXPECT_THROW(g.add(huge), kqsvd::NumericalError);
+      EXPECT_EQ(g.token_count(), cut);
+      g.add(x.bottomRows(n - cut));
+      EXPECT_EQ(g.gram(), expected) << "cut " << cut << ", rejected " << bad_rows << " rows";
+    }
+  }
+}
+
+// gram() reads the state without changing it: asking for the Gram mid-stream changes no later byte,
+// and a mid-stream Gram is the Gram of the tokens so far.
+TEST(GramAccumulator, GramMidStreamIsExactAndChangesNothing) {
+  const Index n = 5000, d = 32;
+  const MatrixXd x = gaussian(n, d, 11);
+  GramAccumulator g(d);
+  g.add(x.topRows(2111));  // a closed task, and an open one with a chunk in progress
+  const MatrixXd partial = g.gram();
+  const MatrixXd direct_partial = x.topRows(2111).transpose() * x.topRows(2111);
+  EXPECT_LT((partial - direct_partial).norm(), 1e-12 * direct_partial.norm());
+  g.add(x.bottomRows(n - 2111));
+  EXPECT_EQ(g.gram(), gram_of_blocks(x, {}));
+}

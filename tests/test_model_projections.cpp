@@ -2,6 +2,8 @@
 
 #include <kqsvd/kqsvd.hpp>
 
+#include <vector>
+
 #include "test_support.hpp"
 
 namespace {
@@ -56,6 +58,51 @@ TEST(ModelCalibration, RoutesHeadsAndMergesShards) {
   EXPECT_THROW(calibration.add(2, x.q, x.k, x.v), kqsvd::InvalidArgument);
   EXPECT_THROW(calibration.add(0, x.q.leftCols(24), x.k, x.v), kqsvd::InvalidArgument);
   EXPECT_THROW(calibration.keys(0, 2), kqsvd::InvalidArgument);
+}
+
+// A calibration stream cut into blocks differently gives the same bytes: the Grams of every head,
+// including the stacked GQA queries (each query head accumulates its own rows), and so the fitted
+// projections. 5,000 tokens cross two 2,048-token tasks of the accumulators.
+TEST(ModelCalibration, ByteIdenticalForAnySplitOfTheStreamUnderGqa) {
+  const Layer x = make_layer(5000, 7);
+  kqsvd::ModelCalibration whole(shape), cut(shape);
+  for (Index l = 0; l < 2; ++l) whole.add(l, x.q, x.k, x.v);
+  for (Index l = 0; l < 2; ++l) {
+    Index first = 0;
+    for (const Index count : {Index{1}, Index{300}, Index{2047}, Index{2652}}) {
+      cut.add(l, x.q.middleRows(first, count), x.k.middleRows(first, count), x.v.middleRows(first, count));
+      first += count;
+    }
+    ASSERT_EQ(first, 5000);
+  }
+  for (Index l = 0; l < 2; ++l) {
+    for (Index h = 0; h < 2; ++h) {
+      EXPECT_EQ(cut.keys(l, h).gram(), whole.keys(l, h).gram());
+      EXPECT_EQ(cut.values(l, h).gram(), whole.values(l, h).gram());
+      EXPECT_EQ(cut.queries(l, h).gram(), whole.queries(l, h).gram());
+      EXPECT_EQ(cut.queries(l, h).token_count(), 10000);
+      // Independent check of the stacked query Gram: the direct products in double.
+      const MatrixXd q0 = x.q.middleCols(2 * h * 8, 8), q1 = x.q.middleCols((2 * h + 1) * 8, 8);
+      const MatrixXd direct = q0.transpose() * q0 + q1.transpose() * q1;
+      EXPECT_LT((whole.queries(l, h).gram() - direct).norm(), 1e-12 * direct.norm());
+    }
+  }
+  const std::vector<MatrixXd> o_proj = {gaussian(32, 32, 8), gaussian(32, 32, 9)};
+  const auto fit = [&](const kqsvd::ModelCalibration& calibration) {
+    return kqsvd::ModelProjections<float>::fit(calibration, o_proj, Method::kq_svd, RankSelection::fixed(3),
+                                               RankSelection::fixed(3));
+  };
+  const auto from_whole = fit(whole), from_cut = fit(cut);
+  for (Index l = 0; l < 2; ++l) {
+    for (Index h = 0; h < 2; ++h) {
+      EXPECT_EQ(from_cut.keys(l, h).encoder(), from_whole.keys(l, h).encoder());
+      EXPECT_EQ(from_cut.keys(l, h).decoder(), from_whole.keys(l, h).decoder());
+      EXPECT_EQ(from_cut.values(l, h).encoder(), from_whole.values(l, h).encoder());
+    }
+  }
+  kqsvd::test::expect_invalid([&] { (void)whole.query_head(0, 4); },
+                              "kqsvd::ModelCalibration::query_head: argument 'query_head' is 4, outside [0, 4)");
+  kqsvd::test::expect_invalid([&] { (void)whole.queries(0, 2); }, "kqsvd::ModelCalibration::queries");
 }
 
 TEST(ModelProjections, FitsEveryHeadLikeTheSingleHeadSolver) {

@@ -108,7 +108,7 @@ Eigen::VectorXf decode_rows(const Eigen::VectorXf& scaled_query, const Keys& key
 }
 
 inline void require_finite_output(const char* function, const Eigen::VectorXf& output) {
-  if (!output.allFinite()) {
+  if (!detail::all_finite(output)) {
     throw NumericalError(std::string(function) + ": the attention output is not finite (cache rows out of float range)");
   }
 }

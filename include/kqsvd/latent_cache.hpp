@@ -198,11 +198,12 @@ class LatentCache {
   static void compress_tile(const char* where, const char* argument, const LowRankProjection<float>& projection,
                             const Eigen::MatrixBase<Derived>& rows, Index first_row, FloatRows& tile) {
     tile.noalias() = rows * projection.encoder();
-    if (!tile.allFinite()) {
-      detail::require_finite_rows(where, argument, rows, first_row);
-      throw NumericalError(std::string(where) + ": the latents of '" + argument + "' overflowed float");
-    }
-    if (!(tile.cwiseAbs().maxCoeff() < detail::storage_overflow_threshold<Storage>())) {
+    // One vectorised pass for both checks; the diagnosis runs only when something is wrong.
+    if (!(tile.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>() < detail::storage_overflow_threshold<Storage>())) {
+      if (!detail::all_finite(tile)) {
+        detail::require_finite_rows(where, argument, rows, first_row);
+        throw NumericalError(std::string(where) + ": the latents of '" + argument + "' overflowed float");
+      }
       throw NumericalError(std::string(where) + ": latent of '" + argument + "' " +
                            detail::unstorable_entry<Storage>(tile, first_row));
     }

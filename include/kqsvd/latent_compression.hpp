@@ -108,12 +108,14 @@ void compress_rows(const char* where, const char* argument, const LowRankProject
         tile.noalias() = rows.middleRows(first, count) * encoder;
         // A non-finite input entry always makes its output row non-finite: checking the (smaller)
         // product finds bad input without a second pass over the rows.
-        if (!tile.allFinite()) {
-          require_finite_rows(where, argument, rows.middleRows(first, count), first);
-          throw NumericalError(std::string(where) + ": the latents of rows " + std::to_string(first) + ".." +
-                               std::to_string(first + count - 1) + " overflowed float");
-        }
-        if (!(tile.cwiseAbs().maxCoeff() < limit)) {
+        // One vectorised pass for both checks (Eigen's allFinite() is a scalar loop, measured at a third
+        // of this kernel's time at r = 64); the slow diagnosis runs only when something is wrong.
+        if (!(tile.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>() < limit)) {
+          if (!all_finite(tile)) {
+            require_finite_rows(where, argument, rows.middleRows(first, count), first);
+            throw NumericalError(std::string(where) + ": the latents of rows " + std::to_string(first) + ".." +
+                                 std::to_string(first + count - 1) + " overflowed float");
+          }
           throw NumericalError(std::string(where) + ": latent " + unstorable_entry<Storage>(tile, first));
         }
         for (Index i = 0; i < count; ++i) from_float(&tile(i, 0), &latents(first + i, 0), r);

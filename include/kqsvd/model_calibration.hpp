@@ -3,7 +3,8 @@
 // Per (layer, KV head): the Gram of its keys, of its values, and of the queries of all query heads it
 // serves (stacked, which is the exact GQA objective). Blocks are added as the model computes them: a
 // layer's queries as T x (query_heads * head_dim), keys and values as T x (kv_heads * head_dim), head
-// after head along the columns. Calibrations of separate shards merge exactly.
+// after head along the columns. Calibrations of separate shards merge (equal to one pass up to rounding;
+// blocks added in order to one calibration give its bytes exactly, however they are cut).
 //
 //   kqsvd::ModelCalibration calibration(shape);
 //   for (each sequence, each layer l) calibration.add(l, q, k, v);
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "kqsvd/detail/validation.hpp"
 #include "kqsvd/gram_accumulator.hpp"
 #include "kqsvd/model_shape.hpp"
 
@@ -27,17 +29,30 @@ class ModelCalibration {
   explicit ModelCalibration(const ModelShape& shape) : shape_(validated(shape)) {
     const auto heads = static_cast<std::size_t>(shape.layers * shape.kv_heads);
     keys_.assign(heads, GramAccumulator(shape.head_dim));
-    queries_.assign(heads, GramAccumulator(shape.head_dim));
+    queries_.assign(static_cast<std::size_t>(shape.layers * shape.query_heads), GramAccumulator(shape.head_dim));
     values_.assign(heads, GramAccumulator(shape.head_dim));
   }
 
   const ModelShape& shape() const { return shape_; }
 
   GramAccumulator& keys(Index layer, Index kv_head) { return keys_[slot("keys", layer, kv_head)]; }
-  GramAccumulator& queries(Index layer, Index kv_head) { return queries_[slot("queries", layer, kv_head)]; }
+  // The queries of one query head: its own accumulator, so that each stream of rows, and hence the
+  // bytes, does not depend on how the calibration was cut into blocks.
+  GramAccumulator& query_head(Index layer, Index query_head) { return queries_[query_slot(layer, query_head)]; }
+  const GramAccumulator& query_head(Index layer, Index query_head) const {
+    return queries_[query_slot(layer, query_head)];
+  }
   GramAccumulator& values(Index layer, Index kv_head) { return values_[slot("values", layer, kv_head)]; }
   const GramAccumulator& keys(Index layer, Index kv_head) const { return keys_[slot("keys", layer, kv_head)]; }
-  const GramAccumulator& queries(Index layer, Index kv_head) const { return queries_[slot("queries", layer, kv_head)]; }
+  // The stacked queries of the query heads a KV head serves (the exact GQA objective): their
+  // accumulators merged in head order.
+  GramAccumulator queries(Index layer, Index kv_head) const {
+    (void)slot("queries", layer, kv_head);  // checks both
+    const auto first = static_cast<std::size_t>(layer * shape_.query_heads + shape_.first_query_head_of(kv_head));
+    GramAccumulator stacked = queries_[first];
+    for (Index j = 1; j < shape_.group_size(); ++j) stacked.merge(queries_[first + static_cast<std::size_t>(j)]);
+    return stacked;
+  }
   const GramAccumulator& values(Index layer, Index kv_head) const { return values_[slot("values", layer, kv_head)]; }
 
   // One block of T tokens of one layer, heads side by side along the columns.
@@ -62,7 +77,7 @@ class ModelCalibration {
       this->values(layer, h).add(values.middleCols(h * d, d));
     }
     for (Index h = 0; h < shape_.query_heads; ++h) {
-      this->queries(layer, shape_.kv_head_of(h)).add(queries.middleCols(h * d, d));
+      query_head(layer, h).add(queries.middleCols(h * d, d));
     }
   }
 
@@ -72,9 +87,9 @@ class ModelCalibration {
     }
     for (std::size_t i = 0; i < keys_.size(); ++i) {
       keys_[i].merge(other.keys_[i]);
-      queries_[i].merge(other.queries_[i]);
       values_[i].merge(other.values_[i]);
     }
+    for (std::size_t i = 0; i < queries_.size(); ++i) queries_[i].merge(other.queries_[i]);
     return *this;
   }
 
@@ -82,6 +97,16 @@ class ModelCalibration {
   static const ModelShape& validated(const ModelShape& shape) {
     shape.validate();
     return shape;
+  }
+
+  std::size_t query_slot(Index layer, Index query_head) const {
+    constexpr const char* where = "kqsvd::ModelCalibration::query_head";
+    shape_.require_layer(where, layer);
+    if (query_head < 0 || query_head >= shape_.query_heads) {
+      detail::throw_invalid(where, "query_head",
+                            "is " + std::to_string(query_head) + ", outside [0, " + std::to_string(shape_.query_heads) + ")");
+    }
+    return static_cast<std::size_t>(layer * shape_.query_heads + query_head);
   }
 
   std::size_t slot(const char* which, Index layer, Index kv_head) const {

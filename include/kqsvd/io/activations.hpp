@@ -446,7 +446,7 @@ inline void calibrate(ModelCalibration& calibration, const ActivationFile& file)
         calibration.values(l, h).add(file.values(l, b, h));
       }
       for (Eigen::Index h = 0; h < shape.query_heads; ++h) {
-        calibration.queries(l, shape.kv_head_of(h)).add(file.queries(l, b, h));
+        calibration.query_head(l, h).add(file.queries(l, b, h));
       }
     }
   }

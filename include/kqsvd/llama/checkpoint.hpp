@@ -268,7 +268,7 @@ class Checkpoint {
   template <typename Derived>
   static void require_finite_weights(const detail::BinaryFile& file, const Eigen::MatrixBase<Derived>& tensor,
                                      const std::string& name) {
-    if (tensor.allFinite()) return;
+    if (kqsvd::detail::all_finite(tensor)) return;
     for (Index i = 0; i < tensor.rows(); ++i) {
       for (Index j = 0; j < tensor.cols(); ++j) {
         if (!std::isfinite(tensor(i, j))) {
