@@ -105,6 +105,30 @@ TEST(ModelCalibration, ByteIdenticalForAnySplitOfTheStreamUnderGqa) {
   kqsvd::test::expect_invalid([&] { (void)whole.queries(0, 2); }, "kqsvd::ModelCalibration::queries");
 }
 
+// A block refused by one head's accumulator (its squares overflow double) leaves every head of the
+// layer as it was, including the heads whose rows were added before the refusal.
+TEST(ModelCalibration, ABlockRefusedForOverflowLeavesEveryHeadUnchanged) {
+  kqsvd::ModelCalibration calibration(shape), reference(shape);
+  const Layer x = make_layer(40, 21);
+  calibration.add(0, x.q, x.k, x.v);
+  reference.add(0, x.q, x.k, x.v);
+  Layer big = make_layer(40, 22);
+  big.k.col(8 + 3).setConstant(1e160);  // KV head 1, after KV head 0 and its values: 1e320 overflows
+  kqsvd::test::expect_error<kqsvd::NumericalError>([&] { calibration.add(0, big.q, big.k, big.v); },
+                                                    "kqsvd::GramAccumulator::add: argument 'rows' has values up to");
+  for (Index h = 0; h < 2; ++h) {
+    EXPECT_EQ(calibration.keys(0, h).gram(), reference.keys(0, h).gram()) << "KV head " << h;
+    EXPECT_EQ(calibration.values(0, h).gram(), reference.values(0, h).gram()) << "KV head " << h;
+    EXPECT_EQ(calibration.queries(0, h).gram(), reference.queries(0, h).gram()) << "KV head " << h;
+    EXPECT_EQ(calibration.keys(0, h).token_count(), 40);
+  }
+  // The calibration goes on as if the block had never been offered.
+  const Layer more = make_layer(30, 23);
+  calibration.add(0, more.q, more.k, more.v);
+  reference.add(0, more.q, more.k, more.v);
+  EXPECT_EQ(calibration.keys(0, 0).gram(), reference.keys(0, 0).gram());
+}
+
 TEST(ModelProjections, FitsEveryHeadLikeTheSingleHeadSolver) {
   kqsvd::ModelCalibration calibration(shape);
   for (Index l = 0; l < 2; ++l) {

@@ -148,7 +148,7 @@ class GramAccumulator {
   }
 
   // Adds another accumulator's tokens: afterwards gram() equals, to rounding, the Gram of both streams.
-  // This accumulator's own task and chunk boundaries stay where they were (see Determinism below).
+  // This accumulator's own task and chunk boundaries stay where they were (see the members, below).
   GramAccumulator& merge(const GramAccumulator& other) {
     constexpr const char* function = "kqsvd::GramAccumulator::merge";
     if (other.dimension() != dimension()) {

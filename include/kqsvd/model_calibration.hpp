@@ -72,12 +72,27 @@ class ModelCalibration {
     detail::require_finite(where, "queries", queries);
     detail::require_finite(where, "keys", keys);
     detail::require_finite(where, "values", values);
-    for (Index h = 0; h < shape_.kv_heads; ++h) {
-      this->keys(layer, h).add(keys.middleCols(h * d, d));
-      this->values(layer, h).add(values.middleCols(h * d, d));
+    const auto add_heads = [&] {
+      for (Index h = 0; h < shape_.kv_heads; ++h) {
+        this->keys(layer, h).add(keys.middleCols(h * d, d));
+        this->values(layer, h).add(values.middleCols(h * d, d));
+      }
+      for (Index h = 0; h < shape_.query_heads; ++h) query_head(layer, h).add(queries.middleCols(h * d, d));
+    };
+    // A head's add() can still refuse its rows when their squares overflow its Gram (NumericalError),
+    // after earlier heads took theirs. Entries below 1e100 cannot: their squares, summed over any
+    // int64 count of tokens, stay below 1e219, too small to carry a Gram near DBL_MAX (1.8e308) over
+    // it. Only a block with larger entries pays for copies of the layer's accumulators to roll back.
+    if (largest_magnitude(queries) < 1e100 && largest_magnitude(keys) < 1e100 && largest_magnitude(values) < 1e100) {
+      add_heads();
+      return;
     }
-    for (Index h = 0; h < shape_.query_heads; ++h) {
-      query_head(layer, h).add(queries.middleCols(h * d, d));
+    const std::vector<GramAccumulator> saved = layer_accumulators(layer);
+    try {
+      add_heads();
+    } catch (...) {
+      restore_layer(layer, saved);
+      throw;
     }
   }
 
@@ -97,6 +112,31 @@ class ModelCalibration {
   static const ModelShape& validated(const ModelShape& shape) {
     shape.validate();
     return shape;
+  }
+
+  template <typename Derived>
+  static double largest_magnitude(const Eigen::MatrixBase<Derived>& x) {
+    return x.size() == 0 ? 0.0 : static_cast<double>(x.cwiseAbs().maxCoeff());
+  }
+
+  // The layer's key, value and query accumulators, in that order.
+  std::vector<GramAccumulator> layer_accumulators(Index layer) const {
+    std::vector<GramAccumulator> copies;
+    for (Index h = 0; h < shape_.kv_heads; ++h) {
+      copies.push_back(keys_[slot("keys", layer, h)]);
+      copies.push_back(values_[slot("values", layer, h)]);
+    }
+    for (Index h = 0; h < shape_.query_heads; ++h) copies.push_back(queries_[query_slot(layer, h)]);
+    return copies;
+  }
+
+  void restore_layer(Index layer, const std::vector<GramAccumulator>& copies) {
+    std::size_t i = 0;
+    for (Index h = 0; h < shape_.kv_heads; ++h) {
+      keys_[slot("keys", layer, h)] = copies[i++];
+      values_[slot("values", layer, h)] = copies[i++];
+    }
+    for (Index h = 0; h < shape_.query_heads; ++h) queries_[query_slot(layer, h)] = copies[i++];
   }
 
   std::size_t query_slot(Index layer, Index query_head) const {
