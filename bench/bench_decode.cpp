@@ -45,20 +45,27 @@ std::vector<Eigen::RowVectorXf> queries(Index heads, Index width) {
   return result;
 }
 
+// Full caches of `heads` heads: keys and values tokens x head_dim each, random.
 template <typename Storage>
-void BM_DecodeFull(benchmark::State& state) {
-  const Index tokens = state.range(0);
-  const double bytes_per_token = 2.0 * head_dim * sizeof(Storage);
-  const Index heads = pool_heads(tokens, bytes_per_token);
+struct FullCaches {
   std::vector<StorageRows<Storage>> keys, values;
-  for (Index h = 0; h < heads; ++h) {
-    keys.emplace_back(tokens, head_dim);
-    values.emplace_back(tokens, head_dim);
-    kqsvd_bench::random_fill(keys.back().data(), keys.back().size(), 2 * static_cast<std::uint64_t>(h));
-    kqsvd_bench::random_fill(values.back().data(), values.back().size(), 2 * static_cast<std::uint64_t>(h) + 1);
+  FullCaches(Index tokens, Index heads) {
+    for (Index h = 0; h < heads; ++h) {
+      keys.emplace_back(tokens, head_dim);
+      values.emplace_back(tokens, head_dim);
+      kqsvd_bench::random_fill(keys.back().data(), keys.back().size(), 2 * static_cast<std::uint64_t>(h));
+      kqsvd_bench::random_fill(values.back().data(), values.back().size(), 2 * static_cast<std::uint64_t>(h) + 1);
+    }
   }
-  const std::vector<Eigen::RowVectorXf> q = queries(heads, head_dim);
-  std::vector<Eigen::RowVectorXf> out(static_cast<std::size_t>(heads));
+  Index heads() const { return static_cast<Index>(keys.size()); }
+};
+
+// One decode-shaped pass per iteration over a pool of `heads` full caches (float32 or float16), in
+// parallel over heads: step(h, keys, values) for each. Reported against the read ceiling.
+template <typename Storage, typename Step>
+void time_full_caches(benchmark::State& state, Index heads, Step&& step) {
+  const Index tokens = state.range(0);
+  const FullCaches<Storage> caches(tokens, heads);
   kqsvd_bench::AdjacentCeiling bandwidth(kqsvd_bench::Ceiling::read_bandwidth);
   for (auto _ : state) {
 #ifdef _OPENMP
@@ -66,13 +73,43 @@ void BM_DecodeFull(benchmark::State& state) {
 #endif
     for (Index h = 0; h < heads; ++h) {
       const auto i = static_cast<std::size_t>(h);
-      out[i] = kqsvd::decode_attention(q[i], keys[i], values[i]);
+      step(i, caches.keys[i], caches.values[i]);
     }
     benchmark::ClobberMemory();
     bandwidth.interleave(state);
   }
-  bandwidth.report(state, static_cast<double>(heads * tokens) * bytes_per_token);
+  bandwidth.report(state, static_cast<double>(heads * tokens) * 2.0 * head_dim * sizeof(Storage));
   state.counters["heads"] = static_cast<double>(heads);
+}
+
+template <typename Storage>
+void BM_DecodeFull(benchmark::State& state) {
+  const Index heads = pool_heads(state.range(0), 2.0 * head_dim * sizeof(Storage));
+  const std::vector<Eigen::RowVectorXf> q = queries(heads, head_dim);
+  std::vector<Eigen::RowVectorXf> out(static_cast<std::size_t>(heads));
+  time_full_caches<Storage>(state, heads, [&](std::size_t i, const auto& keys, const auto& values) {
+    out[i] = kqsvd::decode_attention(q[i], keys, values);
+  });
+}
+
+// The full-cache decode's memory access pattern without its arithmetic: the same pool of float32 heads,
+// the same parallel loop, and per head the same alternation between a 64-token tile of keys and the
+// matching tile of values (32 KiB each), only summed. Its fraction of the read ceiling is what any
+// kernel reading the cache in this order can reach, to compare BM_DecodeFull<float> with.
+void BM_DecodeAccessPattern(benchmark::State& state) {
+  const Index heads = pool_heads(state.range(0), 2.0 * head_dim * sizeof(float));
+  constexpr Index tile = kqsvd::detail::row_tile_rows;
+  std::vector<float> sums(static_cast<std::size_t>(heads));
+  time_full_caches<float>(state, heads, [&](std::size_t i, const auto& keys, const auto& values) {
+    float sum = 0.0f;
+    for (Index first = 0; first < keys.rows(); first += tile) {
+      const Index count = std::min(tile, keys.rows() - first);
+      sum += keys.middleRows(first, count).sum();
+      sum += values.middleRows(first, count).sum();
+    }
+    sums[i] = sum;
+  });
+  benchmark::DoNotOptimize(sums.data());
 }
 
 template <typename Storage>
@@ -162,6 +199,7 @@ void latent_sizes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK_TEMPLATE(BM_DecodeFull, float)->Apply(full_sizes);
 BENCHMARK_TEMPLATE(BM_DecodeFull, Eigen::half)->Apply(full_sizes);
+BENCHMARK(BM_DecodeAccessPattern)->Apply(full_sizes);
 BENCHMARK_TEMPLATE(BM_DecodeLatent, float)->Apply(latent_sizes);
 BENCHMARK_TEMPLATE(BM_DecodeLatent, Eigen::half)->Apply(latent_sizes);
 BENCHMARK_TEMPLATE(BM_DecodeLatent, Eigen::bfloat16)->Apply(latent_sizes);

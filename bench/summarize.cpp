@@ -277,6 +277,13 @@ int main(int argc, char** argv) {
                  fixed(1e6 * per_head(name), 2), fixed(1e3 * 1024 * per_head(name), 2) + " ms", percent(frac),
                  percent(compute_bound(std::string("BM_DecodeFullCompute<") + storage + ">", bytes, name)), "1", "1", ""});
     }
+    // The float32 cache read in the decode's order, summed only: the ceiling of that access pattern.
+    const std::string pattern = "BM_DecodeAccessPattern" + t;
+    if (r.find(pattern) != nullptr) {
+      table_row({tokens_label(tokens), "float32 read pattern only (no arithmetic)", fixed(1e6 * per_head(pattern), 2),
+                 fixed(1e3 * 1024 * per_head(pattern), 2) + " ms", percent(r.value(pattern, "frac_bw")), "", "", "",
+                 ""});
+    }
     for (long rank : {16, 32, 64}) {
       for (const char* storage : {"float", "Eigen::half", "Eigen::bfloat16"}) {
         const std::string name =

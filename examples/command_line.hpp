@@ -22,12 +22,15 @@ namespace example {
 inline constexpr int exit_data_error = 1;
 inline constexpr int exit_usage = 2;
 
-// The whole of `text` as a decimal integer, or nothing ("12x", "", out of range).
-inline std::optional<long> parse_integer(const std::string& text) {
+namespace detail {
+
+// convert(text, &parsed) on the whole of `text`, or nothing if it throws or leaves characters over.
+template <typename Value, typename Convert>
+std::optional<Value> parse_whole(const std::string& text, Convert&& convert) {
   std::size_t parsed = 0;
-  long value = 0;
+  Value value{};
   try {
-    value = std::stol(text, &parsed);
+    value = convert(text, &parsed);
   } catch (const std::exception&) {
     return std::nullopt;
   }
@@ -35,17 +38,16 @@ inline std::optional<long> parse_integer(const std::string& text) {
   return value;
 }
 
+}  // namespace detail
+
+// The whole of `text` as a decimal integer, or nothing ("12x", "", out of range).
+inline std::optional<long> parse_integer(const std::string& text) {
+  return detail::parse_whole<long>(text, [](const std::string& t, std::size_t* parsed) { return std::stol(t, parsed); });
+}
+
 // The whole of `text` as a decimal number, or nothing.
 inline std::optional<double> parse_number(const std::string& text) {
-  std::size_t parsed = 0;
-  double value = 0.0;
-  try {
-    value = std::stod(text, &parsed);
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
-  if (parsed != text.size()) return std::nullopt;
-  return value;
+  return detail::parse_whole<double>(text, [](const std::string& t, std::size_t* parsed) { return std::stod(t, parsed); });
 }
 
 // Stories [first, last) of a text.
