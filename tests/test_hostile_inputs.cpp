@@ -292,6 +292,12 @@ TEST(HostileInputs, OutputProjectionGramChecksHeadSelectionAndWeights) {
   expect_invalid([&] { kqsvd::output_projection_gram(w, 4, 2, 2); }, "select heads [2, 4), outside the 3 heads");
   expect_invalid([&] { kqsvd::output_projection_gram(with_entry(w, 9, 11, nan), 4, 0, 3); },
                  "argument 'output_weight' contains a non-finite value (nan) at row 9, column 11");
+  // Weights whose squares leave double's range: a NumericalError naming 'output_weight'.
+  MatrixXd huge = w;
+  huge.col(5).setConstant(1e160);
+  kqsvd::test::expect_error<kqsvd::NumericalError>(
+      [&] { kqsvd::output_projection_gram(huge, 4, 1, 1); },
+      "kqsvd::output_projection_gram: argument 'output_weight' cannot be squared in double");
 }
 
 TEST(HostileInputs, FidelityNamesEachInconsistentOrNonFiniteArgument) {

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "kqsvd/detail/validation.hpp"
+#include "kqsvd/error.hpp"
 #include "kqsvd/gram_accumulator.hpp"
 
 namespace kqsvd {
@@ -49,15 +50,23 @@ Eigen::MatrixXd output_projection_gram(const Eigen::MatrixBase<Derived>& output_
   // cache-sized chunks, half the flops of W_h^T W_h as a product and no double copy of the hidden x d
   // slice (4 MiB per head of a 7B model, where this was most of a whole-model fit's time).
   GramAccumulator gram(head_dim);
-  if (combination == GroupCombination::concatenate) {
-    for (Eigen::Index j = 0; j < head_count; ++j) gram.add(slices.middleCols(j * head_dim, head_dim));
-  } else {
-    Eigen::MatrixXd mean = Eigen::MatrixXd::Zero(output_weight.rows(), head_dim);
-    for (Eigen::Index j = 0; j < head_count; ++j) mean += slices.middleCols(j * head_dim, head_dim).template cast<double>();
-    mean /= static_cast<double>(head_count);
-    gram.add(mean);
+  try {
+    if (combination == GroupCombination::concatenate) {
+      for (Eigen::Index j = 0; j < head_count; ++j) gram.add(slices.middleCols(j * head_dim, head_dim));
+    } else {
+      Eigen::MatrixXd mean = Eigen::MatrixXd::Zero(output_weight.rows(), head_dim);
+      for (Eigen::Index j = 0; j < head_count; ++j) {
+        mean += slices.middleCols(j * head_dim, head_dim).template cast<double>();
+      }
+      mean /= static_cast<double>(head_count);
+      gram.add(mean);
+    }
+    return gram.gram();
+  } catch (const NumericalError& e) {
+    // Weights beyond double's squared range: say which argument, not the accumulator's 'rows'.
+    throw NumericalError(std::string(where) + ": argument 'output_weight' cannot be squared in double (" + e.what() +
+                         ")");
   }
-  return gram.gram();
 }
 
 }  // namespace kqsvd
