@@ -82,7 +82,8 @@ inline GramFactor factor_gram_fast(const char* function, const char* argument, c
 inline void require_positive_semidefinite(const char* function, const char* argument, const Eigen::MatrixXd& gram) {
   const Eigen::VectorXd scale = gram.diagonal().cwiseMax(0.0).cwiseSqrt().unaryExpr(
       [](double x) { return x > 0.0 ? 1.0 / x : 0.0; });
-  const Eigen::LDLT<Eigen::MatrixXd> ldlt(scale.asDiagonal() * gram * scale.asDiagonal());
+  const Eigen::MatrixXd scaled = scale.asDiagonal() * gram * scale.asDiagonal();
+  const Eigen::LDLT<Eigen::MatrixXd> ldlt(scaled);
   const Eigen::VectorXd pivots = ldlt.vectorD();
   if (ldlt.info() != Eigen::Success || pivots.minCoeff() < -negativity_tolerance * std::max(1.0, pivots.maxCoeff())) {
     std::ostringstream out;
