@@ -5,7 +5,7 @@
 #
 #   bash tools/fuzz.sh              # 60 s per target (what CI runs)
 #   bash tools/fuzz.sh 600          # longer
-#   FUZZ_TARGETS="npy" JOBS=2 bash tools/fuzz.sh 30
+#   FUZZ_TARGETS="npy" JOBS=2 bash tools/fuzz.sh 30   # JOBS: targets built and run at a time
 #
 # Exits non-zero on any finding: a crash, a sanitizer report, an exception other than kqsvd::Error, a
 # leak, an input taking more than 10 s, an allocation over FUZZ_MALLOC_LIMIT_MB (128 MiB, from inputs
@@ -82,30 +82,48 @@ trap 'rm -rf "$scratch"' EXIT
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
-failed=0
-summary=()
-for target in "${targets[@]}"; do
-  work="$build_dir/fuzz-work/$target"
-  artifacts="$build_dir/fuzz-artifacts/$target"
-  log="$build_dir/fuzz-logs/$target.log"
-  regressions="fuzz/regressions/$target"
+# Each libFuzzer process is single-threaded: JOBS targets (default: one per core) run side by side, each
+# for the full time on a core of its own.
+run_target() {
+  local target=$1
+  local work="$build_dir/fuzz-work/$target"
+  local artifacts="$build_dir/fuzz-artifacts/$target"
+  local log="$build_dir/fuzz-logs/$target.log"
+  local regressions="fuzz/regressions/$target"
   mkdir -p "$work" "$artifacts" "$(dirname "$log")" "$regressions"
   rm -f "$artifacts"/*
-  dict=()
+  local dict=()
   [ -f "fuzz/$target.dict" ] && dict=("-dict=fuzz/$target.dict")
-
-  echo
-  echo "=== fuzz_$target: ${seconds} s"
-  set +e
+  local status=0
   # The first directory receives the inputs that reach new coverage; the others are only read.
   TMPDIR="$scratch" "$build_dir/fuzz/fuzz_$target" \
     -max_total_time="$seconds" -max_len="$(max_len_of "$target")" -timeout=10 -rss_limit_mb=2048 \
     -malloc_limit_mb="$malloc_limit_mb" -use_value_profile=1 -print_final_stats=1 \
     -artifact_prefix="$artifacts/" "${dict[@]}" \
-    "$work" "fuzz/corpus/$target" "$regressions" >"$log" 2>&1
-  status=$?
-  set -e
+    "$work" "fuzz/corpus/$target" "$regressions" >"$log" 2>&1 || status=$?
+  echo "$status" >"$log.status"
+}
 
+echo
+echo "=== fuzzing ${targets[*]}: ${seconds} s each, $jobs at a time"
+running=0
+for target in "${targets[@]}"; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  run_target "$target" &
+  running=$((running + 1))
+done
+wait
+
+failed=0
+summary=()
+for target in "${targets[@]}"; do
+  artifacts="$build_dir/fuzz-artifacts/$target"
+  log="$build_dir/fuzz-logs/$target.log"
+  regressions="fuzz/regressions/$target"
+  status=$(cat "$log.status" 2>/dev/null || echo "?")
   executions=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
   per_second=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
   last=$(grep -E '^#[0-9]+.*cov: ' "$log" | tail -n 1 || true)
@@ -114,7 +132,9 @@ for target in "${targets[@]}"; do
   corpus=$(sed -n 's/.* corp: \([0-9]*\/[0-9A-Za-z]*\).*/\1/p' <<<"$last")
   result=ok
   findings=("$artifacts"/*)
-  if [ "$status" -ne 0 ] || [ -e "${findings[0]}" ]; then
+  echo
+  echo "=== fuzz_$target"
+  if [ "$status" != 0 ] || [ -e "${findings[0]}" ]; then
     result="FAILED (exit $status)"
     failed=1
     tail -n 60 "$log"
