@@ -3,8 +3,9 @@
 // softmax(s) V over cache rows is computed tile by tile without ever holding all scores: a running
 // maximum m, a running sum l = sum exp(s - m) and a running weighted sum acc = sum exp(s - m) v. When a
 // tile raises the maximum, l and acc are rescaled by exp(m_old - m_new). Each tile of keys and values
-// is read once, converted to float (if stored as half/bfloat16) into a small buffer that stays in L1,
-// and used while it is there: scores, softmax and value accumulation are one pass over the cache.
+// is read once, converted to float (if stored as half/bfloat16) a few rows at a time into small buffers
+// that stay in L1, and used while they are there: scores, softmax and value accumulation are one pass
+// over the cache.
 // Partial states of disjoint row ranges combine exactly like tiles, which is how decode splits a long
 // cache across threads.
 //
@@ -33,13 +34,25 @@ namespace kqsvd::detail {
 using StridedFloatRows = Eigen::Map<const FloatRows, 0, Eigen::OuterStride<>>;
 using StridedFloatColumns = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;
 
-// Tokens per tile. Full rows (d = 128): 64 rows of 128 floats is 32 KiB per converted buffer, so keys
-// and values of a tile stay in L1 between their conversion and their use. Latent rows (r <= 64): 128
-// rows, which halves the per-tile overhead (max, rescale, loop control; measured 2.1 -> 1.6 ns/token
-// at r = 16), and is the block size of a LatentCache's keys.
+// Tokens per tile (one softmax update each). Full rows: 64. Latent rows (r <= 64): 128 rows, which
+// halves the per-tile overhead (max, rescale, loop control; measured 2.1 -> 1.6 ns/token at r = 16), and
+// is the block size of a LatentCache's keys. Prefill converts whole tiles; decode converts half-precision
+// tiles in smaller pieces (conversion_buffer_bytes).
 inline constexpr Eigen::Index row_tile_rows = 64;
 inline constexpr Eigen::Index latent_tile_rows = 128;
 inline constexpr Eigen::Index max_tile_rows = 128;
+
+// Half-precision rows are converted to float for decode a few at a time, at most this many bytes of
+// float per buffer: keys and values buffers together stay well inside a 32 KiB L1 data cache. Whole
+// tiles (32 KiB each at d = 128 or r = 64) evicted each other: float16 decode was slower than float32
+// at twice the bytes (r = 32 latents at 32k tokens: 247 against 214 us per head-step), and a 512 MiB
+// pool of full float16 caches took 32.1 ms per step against 17.2 ms with these buffers.
+inline constexpr Eigen::Index conversion_buffer_bytes = 8192;
+
+// Rows of `width` floats per conversion: as many as fit the buffer, at least one.
+inline Eigen::Index conversion_rows(Eigen::Index width) {
+  return std::max<Eigen::Index>(1, conversion_buffer_bytes / (width * static_cast<Eigen::Index>(sizeof(float))));
+}
 
 // Cache rows as stored: row-major, `stride` elements from one row to the next (>= width).
 template <typename Storage>
@@ -87,7 +100,17 @@ struct RowKeys {
 
   template <typename Scores>
   void score(Eigen::Index first, Eigen::Index count, const Eigen::VectorXf& query, float* buffer, Scores& scores) const {
-    scores.noalias() = tile(first, count, buffer) * query;
+    if constexpr (std::is_same<Storage, float>::value) {
+      scores.noalias() = tile(first, count, buffer) * query;
+    } else {
+      // Each score is its row's own dot product: converting and scoring a few rows at a time gives the
+      // same scores from an L1-sized buffer.
+      const Eigen::Index step = conversion_rows(rows.width);
+      for (Eigen::Index i = 0; i < count; i += step) {
+        const Eigen::Index m = std::min(step, count - i);
+        scores.segment(i, m).noalias() = tile(first + i, m, buffer) * query;
+      }
+    }
   }
 };
 
@@ -117,6 +140,19 @@ struct BlockedKeys {
 
   template <typename Scores>
   void score(Eigen::Index first, Eigen::Index count, const Eigen::VectorXf& query, float* buffer, Scores& scores) const {
+    if constexpr (!std::is_same<Storage, float>::value) {
+      // One latent dimension at a time: its tile_rows values are contiguous, converted into a 512-byte
+      // buffer and added to all the block's scores with vertical multiply-adds. Converting the whole
+      // block first (up to 32 KiB of float at r = 64) measured slower at every r, r = 16 included:
+      // 22.4 against 16.5 ms per step of a 512 MiB pool of float16 caches, 32k tokens.
+      const Storage* block = data + first * width_;
+      scores.setZero();
+      for (Eigen::Index j = 0; j < width_; ++j) {
+        to_float(block + j * tile_rows, buffer, count);
+        scores.noalias() += query(j) * Eigen::Map<const Eigen::VectorXf>(buffer, count);
+      }
+      return;
+    }
     const auto keys = tile(first, count, buffer);
     // The common latent widths at compile time: Eigen then unrolls the product over the dimensions.
     if (count == tile_rows && width_ == 16) {
@@ -217,7 +253,11 @@ void accumulate_decode(const Eigen::VectorXf& scaled_query, const Keys& keys, co
     }
     scores = (scores.array() - state.max).exp().matrix();
     state.sum += scores.sum();
-    add_weighted_rows(float_rows(values, begin, count, workspace.values.data()), scores.data(), state.weighted);
+    const Eigen::Index step = std::is_same<Storage, float>::value ? count : conversion_rows(values.width);
+    for (Eigen::Index i = 0; i < count; i += step) {
+      const Eigen::Index m = std::min(step, count - i);
+      add_weighted_rows(float_rows(values, begin + i, m, workspace.values.data()), scores.data() + i, state.weighted);
+    }
   }
 }
 
