@@ -83,8 +83,9 @@ TEST(DecodeAttention, ReadsOneHeadOfAMultiHeadRowMajorCache) {
 }
 
 template <typename Storage>
-void check_half_full_cache(double rounding_bound) {
-  const Head head = make_head(700, 32, 7);
+void check_half_full_cache(Index d, double rounding_bound) {
+  SCOPED_TRACE("d = " + std::to_string(d));
+  const Head head = make_head(700, d, 7);
   const StorageRows<Storage> k = head.k.cast<float>().cast<Storage>(), v = head.v.cast<float>().cast<Storage>();
   const Eigen::RowVectorXf q = head.q.bottomRows(1).cast<float>();
   // Against attention on the rounded values: float accumulation is the only difference.
@@ -97,8 +98,36 @@ void check_half_full_cache(double rounding_bound) {
 }
 
 TEST(DecodeAttention, HalfPrecisionFullCacheWithinRoundingBound) {
-  check_half_full_cache<Eigen::half>(0.01);
-  check_half_full_cache<Eigen::bfloat16>(0.05);
+  // d = 32 converts whole 64-token tiles; d = 128 converts them 16 rows at a time, and 700 tokens end
+  // in a partial tile of 60 (16 + 16 + 16 + 12 rows).
+  for (Index d : {32, 128}) {
+    check_half_full_cache<Eigen::half>(d, 0.01);
+    check_half_full_cache<Eigen::bfloat16>(d, 0.05);
+  }
+}
+
+// Wide latents: value rows converted in pieces smaller than a 128-token block (32 rows at r = 64, 42 at
+// r = 48, so a block splits 42 + 42 + 42 + 2), keys one latent dimension at a time, over several
+// parallel decode tasks and a partial last block.
+TEST(DecodeAttention, HalfPrecisionLatentsAtWideRanksEqualReferenceOnTheRoundedLatents) {
+  const Index d = 128, n = 2048 + 64 + 5;
+  const Head head = make_head(n, d, 13);
+  const FloatRows k = head.k.cast<float>(), v = head.v.cast<float>();
+  const FloatRows q = head.q.bottomRows(1).cast<float>();
+  for (Index rank : {64, 48}) {
+    SCOPED_TRACE("rank " + std::to_string(rank));
+    const Projections p = fit(head, rank, rank);
+    kqsvd::LatentCache<Eigen::half> half_cache(p.keys, p.values);
+    half_cache.append(p.keys, p.values, k, v);
+    kqsvd::LatentCache<Eigen::bfloat16> brain_cache(p.keys, p.values);
+    brain_cache.append(p.keys, p.values, k, v);
+    const FloatRows on_half =
+        kqsvd::compressed_causal_attention(p.keys, p.values, q, half_cache.keys(), half_cache.values());
+    const FloatRows on_brain =
+        kqsvd::compressed_causal_attention(p.keys, p.values, q, brain_cache.keys(), brain_cache.values());
+    EXPECT_LT(relative_error(kqsvd::decode_attention(p.keys, p.values, q, half_cache), on_half), float_tolerance);
+    EXPECT_LT(relative_error(kqsvd::decode_attention(p.keys, p.values, q, brain_cache), on_brain), float_tolerance);
+  }
 }
 
 TEST(DecodeAttention, CompressedCacheEqualsReferenceCompressedAttention) {

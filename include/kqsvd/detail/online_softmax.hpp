@@ -103,8 +103,8 @@ struct RowKeys {
     if constexpr (std::is_same<Storage, float>::value) {
       scores.noalias() = tile(first, count, buffer) * query;
     } else {
-      // Each score is its row's own dot product: converting and scoring a few rows at a time gives the
-      // same scores from an L1-sized buffer.
+      // Each score is its own row's dot product, so rows can be converted and scored a few at a time
+      // from an L1-sized buffer.
       const Eigen::Index step = conversion_rows(rows.width);
       for (Eigen::Index i = 0; i < count; i += step) {
         const Eigen::Index m = std::min(step, count - i);
