@@ -106,6 +106,8 @@ run_target() {
 
 echo
 echo "=== fuzzing ${targets[*]}: ${seconds} s each, $jobs at a time"
+# A status left by an earlier run must not stand in for a target that failed to start.
+for target in "${targets[@]}"; do rm -f "$build_dir/fuzz-logs/$target.log.status"; done
 running=0
 for target in "${targets[@]}"; do
   if [ "$running" -ge "$jobs" ]; then

@@ -85,7 +85,7 @@ Eigen::VectorXf decode_rows(const Eigen::VectorXf& scaled_query, const Keys& key
   const Eigen::Index n = values.rows;
   const Eigen::Index tasks = (n + decode_task_rows - 1) / decode_task_rows;
   auto make_workspace = [&] {
-    return DecodeWorkspace(Keys::tile_rows, keys.width(), values.width, !std::is_same<Storage, float>::value);
+    return DecodeWorkspace(keys.width(), values.width, !std::is_same<Storage, float>::value);
   };
   SoftmaxState total(values.width);
   if (tasks == 1) {

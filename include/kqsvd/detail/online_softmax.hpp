@@ -54,6 +54,12 @@ inline Eigen::Index conversion_rows(Eigen::Index width) {
   return std::max<Eigen::Index>(1, conversion_buffer_bytes / (width * static_cast<Eigen::Index>(sizeof(float))));
 }
 
+// Floats a conversion buffer for rows of `width` needs: conversion_rows(width) rows, or one latent
+// dimension of a key block (latent_tile_rows floats, less than the buffer).
+inline Eigen::Index conversion_buffer_floats(Eigen::Index width) {
+  return std::max<Eigen::Index>(conversion_buffer_bytes / static_cast<Eigen::Index>(sizeof(float)), width);
+}
+
 // Cache rows as stored: row-major, `stride` elements from one row to the next (>= width).
 template <typename Storage>
 struct CacheRows {
@@ -140,7 +146,17 @@ struct BlockedKeys {
 
   template <typename Scores>
   void score(Eigen::Index first, Eigen::Index count, const Eigen::VectorXf& query, float* buffer, Scores& scores) const {
-    if constexpr (!std::is_same<Storage, float>::value) {
+    if constexpr (std::is_same<Storage, float>::value) {
+      const auto keys = tile(first, count, buffer);
+      // The common latent widths at compile time: Eigen then unrolls the product over the dimensions.
+      if (count == tile_rows && width_ == 16) {
+        scores.noalias() = fixed_block<16>(keys) * query.head<16>();
+      } else if (count == tile_rows && width_ == 32) {
+        scores.noalias() = fixed_block<32>(keys) * query.head<32>();
+      } else {
+        scores.noalias() = keys * query;
+      }
+    } else {
       // One latent dimension at a time: its tile_rows values are contiguous, converted into a 512-byte
       // buffer and added to all the block's scores with vertical multiply-adds. Converting the whole
       // block first (up to 32 KiB of float at r = 64) measured slower at every r, r = 16 included:
@@ -151,16 +167,6 @@ struct BlockedKeys {
         to_float(block + j * tile_rows, buffer, count);
         scores.noalias() += query(j) * Eigen::Map<const Eigen::VectorXf>(buffer, count);
       }
-      return;
-    }
-    const auto keys = tile(first, count, buffer);
-    // The common latent widths at compile time: Eigen then unrolls the product over the dimensions.
-    if (count == tile_rows && width_ == 16) {
-      scores.noalias() = fixed_block<16>(keys) * query.head<16>();
-    } else if (count == tile_rows && width_ == 32) {
-      scores.noalias() = fixed_block<32>(keys) * query.head<32>();
-    } else {
-      scores.noalias() = keys * query;
     }
   }
 
@@ -226,13 +232,14 @@ struct SoftmaxState {
   }
 };
 
-// Scratch for one thread: float tiles of keys and values (used only when the cache is not float).
-// Uninitialised Eigen storage: a decode step on a short cache should not spend its time zeroing.
+// Scratch for one thread: conversion buffers for keys and values (used only when the cache is not
+// float). Uninitialised Eigen storage: a decode step on a short cache should not spend its time zeroing.
 struct DecodeWorkspace {
   Eigen::VectorXf keys, values;
   Eigen::Matrix<float, max_tile_rows, 1> scores;
-  DecodeWorkspace(Eigen::Index tile_rows, Eigen::Index key_width, Eigen::Index value_width, bool converts)
-      : keys(converts ? tile_rows * key_width : 0), values(converts ? tile_rows * value_width : 0) {}
+  DecodeWorkspace(Eigen::Index key_width, Eigen::Index value_width, bool converts)
+      : keys(converts ? conversion_buffer_floats(key_width) : 0),
+        values(converts ? conversion_buffer_floats(value_width) : 0) {}
 };
 
 // Folds cache rows [first, last) into `state` for one query (already multiplied by the score scale).
