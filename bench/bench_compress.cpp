@@ -8,7 +8,7 @@
 // GEMM ceiling binds before the bandwidth one on this machine; the summary prints that roofline bound.
 #include <benchmark/benchmark.h>
 
-#include <kqsvd/latent_compression.hpp>
+#include <kqsvd/cache/latent_compression.hpp>
 
 #include <algorithm>
 #include <vector>

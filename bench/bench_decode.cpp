@@ -12,11 +12,12 @@
 // speedup over the full cache follow in the summary, next to the ideal byte ratio 2d / (r_k + r_v).
 #include <benchmark/benchmark.h>
 
-#include <kqsvd/decode_attention.hpp>
-#include <kqsvd/latent_cache.hpp>
+#include <kqsvd/cache/head_cache.hpp>
+#include <kqsvd/kernels/decode_attention.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "ceilings.hpp"
@@ -29,6 +30,12 @@ template <typename Storage>
 using StorageRows = Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 constexpr Index head_dim = 128;
+
+template <typename Storage>
+kqsvd::StorageFormat storage_format() {
+  return kqsvd::StorageFormat::parse(std::is_same<Storage, float>::value ? "f32"
+                                     : std::is_same<Storage, Eigen::half>::value ? "f16" : "bf16");
+}
 constexpr double pool_bytes = 512.0 * (1 << 20);
 constexpr Index distinct_projections = 1024;
 
@@ -98,7 +105,7 @@ void BM_DecodeFull(benchmark::State& state) {
 // kernel reading the cache in this order can reach, to compare BM_DecodeFull<float> with.
 void BM_DecodeAccessPattern(benchmark::State& state) {
   const Index heads = pool_heads(state.range(0), 2.0 * head_dim * sizeof(float));
-  constexpr Index tile = kqsvd::detail::row_tile_rows;
+  constexpr Index tile = 64;  // the kernels' tile of rows in the caller's memory
   std::vector<float> sums(static_cast<std::size_t>(heads));
   time_full_caches<float>(state, heads, [&](std::size_t i, const auto& keys, const auto& values) {
     float sum = 0.0f;
@@ -126,12 +133,13 @@ void BM_DecodeLatent(benchmark::State& state) {
     key_projections.emplace_back(kqsvd::Method::kq_svd, a, b, Eigen::VectorXd::Ones(head_dim));
     value_projections.emplace_back(kqsvd::Method::kq_svd, b, a, Eigen::VectorXd::Ones(head_dim));
   }
-  std::vector<kqsvd::LatentCache<Storage>> caches;
+  const kqsvd::StorageFormat format = storage_format<Storage>();
+  std::vector<kqsvd::HeadCache> caches;
   caches.reserve(static_cast<std::size_t>(heads));
   {
     Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> latents(tokens, rank);
     for (Index h = 0; h < heads; ++h) {
-      caches.emplace_back(rank, rank);
+      caches.emplace_back(rank, rank, format);
       caches.back().reserve(tokens);
       kqsvd_bench::random_fill(latents.data(), latents.size(), 2 * static_cast<std::uint64_t>(h));
       Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> value_latents = latents.colwise().reverse();
@@ -181,7 +189,7 @@ void BM_DecodeLatentCompute(benchmark::State& state) {
   const kqsvd::LowRankProjection<float> projection(kqsvd::Method::kq_svd, a, a, Eigen::VectorXd::Ones(head_dim));
   Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> latents(compute_tokens, rank);
   kqsvd_bench::random_fill(latents.data(), latents.size(), 4);
-  kqsvd::LatentCache<Storage> cache(rank, rank);
+  kqsvd::HeadCache cache(rank, rank, storage_format<Storage>());
   cache.append(latents, latents);
   const Eigen::RowVectorXf q = queries(1, head_dim)[0];
   for (auto _ : state) benchmark::DoNotOptimize(kqsvd::decode_attention(projection, projection, q, cache));

@@ -9,7 +9,7 @@
 // would give up the double accumulation the tests require. It shows what float arithmetic would buy.
 #include <benchmark/benchmark.h>
 
-#include <kqsvd/gram_accumulator.hpp>
+#include <kqsvd/calibration/gram_accumulator.hpp>
 
 #include <algorithm>
 #include <vector>

@@ -8,8 +8,10 @@
 // reported against the float GEMM ceiling; the summary gives the speedup of the compressed cache.
 #include <benchmark/benchmark.h>
 
-#include <kqsvd/latent_cache.hpp>
-#include <kqsvd/prefill_attention.hpp>
+#include <kqsvd/cache/head_cache.hpp>
+
+#include <type_traits>
+#include <kqsvd/kernels/prefill_attention.hpp>
 
 #include <vector>
 
@@ -58,7 +60,7 @@ void BM_PrefillLatent(benchmark::State& state) {
   const kqsvd::LowRankProjection<float> keys(kqsvd::Method::kq_svd, a, b, Eigen::VectorXd::Ones(head_dim));
   const kqsvd::LowRankProjection<float> values(kqsvd::Method::kq_svd, b, a, Eigen::VectorXd::Ones(head_dim));
   const FloatRows q = random_rows(tokens, head_dim, 1, 2.0f);
-  kqsvd::LatentCache<Storage> cache(rank, rank);
+  kqsvd::HeadCache cache(rank, rank, kqsvd::StorageFormat::parse(std::is_same<Storage, float>::value ? "f32" : "f16"));
   cache.append(random_rows(tokens, rank, 2), random_rows(tokens, rank, 3));
   kqsvd_bench::AdjacentCeiling gemm(kqsvd_bench::Ceiling::float_gemm);
   for (auto _ : state) {

@@ -30,7 +30,7 @@
 #include <string>
 #include <vector>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/npy.hpp"
 #include "kqsvd/io/safetensors.hpp"
 #include "kqsvd/llama/checkpoint.hpp"
@@ -59,7 +59,7 @@ struct Outcome {
   std::string error;  // what() of the kqsvd::Error that rejected the file, when !accepted
 };
 
-namespace detail {
+namespace checks {
 
 // A broken promise of a reader that did not crash: reported as a non-kqsvd exception so that it escapes.
 [[noreturn]] inline void invariant_failed(const std::string& what) {
@@ -133,39 +133,39 @@ void tolerating_errors(Function f) {
   }
 }
 
-}  // namespace detail
+}  // namespace checks
 
 // Opens the file, then reads every tensor both ways (whole, and as the first and last matrix of its
 // leading axes), as float and double, allowing and rejecting non-finite values.
 inline void read_safetensors(const std::string& path) {
   const io::SafetensorsFile file(path);
-  if (file.names().size() != file.size()) detail::invariant_failed("names() and size() disagree");
+  if (file.names().size() != file.size()) checks::invariant_failed("names() and size() disagree");
   for (const std::string& tensor : file.names()) {
     const io::TensorInfo& info = file.info(tensor);
     const std::vector<float> as_float = file.read<float>(tensor, io::NonFinite::allow);
     const std::vector<double> as_double = file.read<double>(tensor, io::NonFinite::allow);
     if (as_float.size() != info.element_count || as_double.size() != info.element_count) {
-      detail::invariant_failed("tensor '" + tensor + "' read a number of elements other than its shape's");
+      checks::invariant_failed("tensor '" + tensor + "' read a number of elements other than its shape's");
     }
     for (std::size_t i = 0; i < as_float.size(); ++i) {
-      if (!detail::same_value(as_float[i], as_double[i])) {
-        detail::invariant_failed("tensor '" + tensor + "' element " + std::to_string(i) + " differs as float and double");
+      if (!checks::same_value(as_float[i], as_double[i])) {
+        checks::invariant_failed("tensor '" + tensor + "' element " + std::to_string(i) + " differs as float and double");
       }
     }
-    detail::tolerating_errors([&] { (void)file.read<float>(tensor, io::NonFinite::reject); });
-    detail::tolerating_errors([&] { (void)file.read<double>(tensor, io::NonFinite::reject); });
+    checks::tolerating_errors([&] { (void)file.read<float>(tensor, io::NonFinite::reject); });
+    checks::tolerating_errors([&] { (void)file.read<double>(tensor, io::NonFinite::reject); });
 
     const std::size_t rank = info.shape.size();
     // Too few or too many leading indices are the caller's mistake: InvalidArgument, never a crash.
-    detail::tolerating_errors([&] { (void)file.read_matrix<float>(tensor, std::vector<std::int64_t>(rank + 1, 0)); });
-    detail::tolerating_errors([&] { (void)file.read_matrix<float>(tensor, {-1}); });
+    checks::tolerating_errors([&] { (void)file.read_matrix<float>(tensor, std::vector<std::int64_t>(rank + 1, 0)); });
+    checks::tolerating_errors([&] { (void)file.read_matrix<float>(tensor, {-1}); });
     if (rank < 2) continue;
     std::vector<std::int64_t> first(rank - 2, 0), last(rank - 2, 0), past(rank - 2, 0);
     for (std::size_t axis = 0; axis + 2 < rank; ++axis) {
       last[axis] = info.shape[axis] - 1;
       past[axis] = info.shape[axis];
     }
-    detail::tolerating_errors([&] { (void)file.read_matrix<double>(tensor, past); });
+    checks::tolerating_errors([&] { (void)file.read_matrix<double>(tensor, past); });
     const std::int64_t rows = info.shape[rank - 2], cols = info.shape[rank - 1];
     for (const std::vector<std::int64_t>* leading : {&first, &last}) {
       std::uint64_t matrix_index = 0;
@@ -176,17 +176,17 @@ inline void read_safetensors(const std::string& path) {
                        static_cast<std::uint64_t>(std::max<std::int64_t>((*leading)[axis], 0));
       }
       if (!in_range) continue;  // a leading axis of length 0: there is no matrix to read
-      const io::RowMajorMatrix<float> matrix = file.read_matrix<float>(tensor, *leading);
+      const RowMatrix<float> matrix = file.read_matrix<float>(tensor, *leading);
       if (matrix.rows() != rows || matrix.cols() != cols) {
-        detail::invariant_failed("tensor '" + tensor + "' read_matrix returned the wrong shape");
+        checks::invariant_failed("tensor '" + tensor + "' read_matrix returned the wrong shape");
       }
       const std::uint64_t offset = matrix_index * static_cast<std::uint64_t>(rows * cols);
       for (Eigen::Index k = 0; k < matrix.size(); ++k) {
-        if (!detail::same_value(matrix.data()[k], as_double[offset + static_cast<std::uint64_t>(k)])) {
-          detail::invariant_failed("tensor '" + tensor + "' read_matrix disagrees with read");
+        if (!checks::same_value(matrix.data()[k], as_double[offset + static_cast<std::uint64_t>(k)])) {
+          checks::invariant_failed("tensor '" + tensor + "' read_matrix disagrees with read");
         }
       }
-      detail::tolerating_errors([&] { (void)file.read_matrix<double>(tensor, *leading, io::NonFinite::reject); });
+      checks::tolerating_errors([&] { (void)file.read_matrix<double>(tensor, *leading, io::NonFinite::reject); });
     }
   }
 }
@@ -195,22 +195,22 @@ inline void read_safetensors(const std::string& path) {
 inline void read_npy(const std::string& path) {
   const io::NpyArray<double> as_double = io::read_npy<double>(path);
   const io::NpyArray<float> as_float = io::read_npy<float>(path);
-  const auto count = io::detail::element_count(as_double.shape);
+  const auto count = detail::element_count(as_double.shape);
   if (!count || as_double.values.size() != *count || as_float.values.size() != *count) {
-    detail::invariant_failed("read_npy returned a number of elements other than its shape's");
+    checks::invariant_failed("read_npy returned a number of elements other than its shape's");
   }
   if (as_float.shape != as_double.shape || as_float.fortran_order != as_double.fortran_order) {
-    detail::invariant_failed("read_npy<float> and read_npy<double> disagree on the header");
+    checks::invariant_failed("read_npy<float> and read_npy<double> disagree on the header");
   }
   for (std::size_t i = 0; i < as_float.values.size(); ++i) {
-    if (!detail::same_value(as_float.values[i], as_double.values[i])) {
-      detail::invariant_failed("element " + std::to_string(i) + " differs as float and double");
+    if (!checks::same_value(as_float.values[i], as_double.values[i])) {
+      checks::invariant_failed("element " + std::to_string(i) + " differs as float and double");
     }
   }
-  detail::tolerating_errors([&] {
-    const io::RowMajorMatrix<double> matrix = io::read_npy_matrix<double>(path);
+  checks::tolerating_errors([&] {
+    const RowMatrix<double> matrix = io::read_npy_matrix<double>(path);
     if (static_cast<std::uint64_t>(matrix.size()) != *count) {
-      detail::invariant_failed("read_npy_matrix returned a number of elements other than the shape's");
+      checks::invariant_failed("read_npy_matrix returned a number of elements other than the shape's");
     }
   });
 }
@@ -220,13 +220,13 @@ inline void read_llama_checkpoint(const std::string& path) {
   const llama::Checkpoint checkpoint = llama::Checkpoint::load(path);
   const llama::Config& c = checkpoint.config();
   const auto check = [](const auto& tensor, Eigen::Index rows, Eigen::Index cols, const char* what) {
-    if (tensor.rows() != rows || tensor.cols() != cols) detail::invariant_failed(std::string(what) + " has the wrong shape");
-    if (!tensor.allFinite()) detail::invariant_failed(std::string(what) + " holds a non-finite weight");
+    if (tensor.rows() != rows || tensor.cols() != cols) checks::invariant_failed(std::string(what) + " has the wrong shape");
+    if (!tensor.allFinite()) checks::invariant_failed(std::string(what) + " holds a non-finite weight");
   };
   check(checkpoint.token_embedding(), c.vocab_size, c.dim, "token_embedding");
   check(checkpoint.classifier(), c.vocab_size, c.dim, "classifier");
   check(checkpoint.final_norm(), c.dim, 1, "final_norm");
-  if (static_cast<Eigen::Index>(checkpoint.layers().size()) != c.n_layers) detail::invariant_failed("layer count");
+  if (static_cast<Eigen::Index>(checkpoint.layers().size()) != c.n_layers) checks::invariant_failed("layer count");
   for (Eigen::Index l = 0; l < c.n_layers; ++l) {
     const llama::LayerWeights& w = checkpoint.layer(l);
     check(w.attention_norm, c.dim, 1, "attention_norm");
@@ -239,8 +239,8 @@ inline void read_llama_checkpoint(const std::string& path) {
     check(w.w2, c.dim, c.hidden_dim, "w2");
     check(w.w3, c.hidden_dim, c.dim, "w3");
   }
-  detail::tolerating_errors([&] { (void)checkpoint.layer(c.n_layers); });
-  detail::tolerating_errors([&] { (void)checkpoint.layer(-1); });
+  checks::tolerating_errors([&] { (void)checkpoint.layer(c.n_layers); });
+  checks::tolerating_errors([&] { (void)checkpoint.layer(-1); });
 }
 
 // Loads the vocabulary both ways (to the end of the file, and with the count it holds), then encodes
@@ -249,16 +249,16 @@ inline void read_llama_tokenizer(const std::string& path) {
   const llama::Tokenizer tokenizer = llama::Tokenizer::load(path);
   const llama::Tokenizer::Index vocab = tokenizer.vocab_size();
   const llama::Tokenizer counted = llama::Tokenizer::load(path, vocab);
-  if (counted.vocab_size() != vocab) detail::invariant_failed("the two loads disagree on the vocabulary size");
-  detail::tolerating_errors([&] { (void)llama::Tokenizer::load(path, vocab + 1); });
+  if (counted.vocab_size() != vocab) checks::invariant_failed("the two loads disagree on the vocabulary size");
+  checks::tolerating_errors([&] { (void)llama::Tokenizer::load(path, vocab + 1); });
   const std::string text = "Once upon a time, a l\xC3\xB6we saw \xE6\xBC\xA2\xE5\xAD\x97 <0x41> \xFF\x80\x80\x80\x80!";
   const std::vector<int> tokens = tokenizer.encode(text, true, true);
   for (const int token : tokens) {
-    if (token < 0 || token >= vocab) detail::invariant_failed("encode() produced a token id outside the vocabulary");
+    if (token < 0 || token >= vocab) checks::invariant_failed("encode() produced a token id outside the vocabulary");
   }
   (void)tokenizer.decode(tokens);
-  detail::tolerating_errors([&] { (void)tokenizer.piece(static_cast<int>(vocab)); });
-  detail::tolerating_errors([&] { (void)tokenizer.decode(-1, 3); });
+  checks::tolerating_errors([&] { (void)tokenizer.piece(static_cast<int>(vocab)); });
+  checks::tolerating_errors([&] { (void)tokenizer.decode(-1, 3); });
 }
 
 // Reads `path` with the target's reader; kqsvd::Error means rejected, anything else propagates.
@@ -274,14 +274,14 @@ inline Outcome read_file(Target target, const std::string& path) {
     outcome.accepted = true;
   } catch (const kqsvd::Error& error) {
     outcome.error = error.what();
-    if (outcome.error.empty()) detail::invariant_failed("a kqsvd::Error with an empty message");
+    if (outcome.error.empty()) checks::invariant_failed("a kqsvd::Error with an empty message");
   }
   return outcome;
 }
 
 // The fuzz entry point: the bytes become a file, which read_file() reads.
 inline Outcome run(Target target, const std::uint8_t* data, std::size_t size) {
-  detail::ScratchFile& file = detail::scratch_file();
+  checks::ScratchFile& file = checks::scratch_file();
   file.assign(data, size);
   return read_file(target, file.path());
 }

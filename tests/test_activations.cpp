@@ -1,9 +1,10 @@
-// Tests for kqsvd/io/activations.hpp: the saved-activation layout (validation and its messages), the
+// Tests for kqsvd/io/activation_file.hpp: the saved-activation layout (validation and its messages), the
 // writer/reader round trip, 3-D tensors as one sequence, the calibrate/measure helpers against direct
 // calls and independent computations, and the shipped stories260K capture against a fresh forward pass.
 #include <gtest/gtest.h>
 
-#include <kqsvd/io/activations.hpp>
+#include <kqsvd/io/activation_evaluation.hpp>
+#include <kqsvd/io/activation_writer.hpp>
 #include <kqsvd/kqsvd.hpp>
 #include <kqsvd/llama/full_kv_cache.hpp>
 #include <kqsvd/llama/story_text.hpp>
@@ -20,8 +21,11 @@
 #include <vector>
 
 #include "file_test_support.hpp"
+#include "test_support.hpp"
 
 namespace {
+
+using kqsvd::test::repository_data;
 
 namespace fs = std::filesystem;
 using Eigen::Index;
@@ -34,11 +38,11 @@ using kqsvd::io::ActivationFile;
 using kqsvd::io::ActivationMetadata;
 using kqsvd::io::ActivationWriter;
 using kqsvd::io::DType;
-using kqsvd::io::RopeMode;
+using kqsvd::RopeMode;
 using kqsvd::io::SafetensorsWriter;
 using kqsvd::test::expect_error;
 using kqsvd::test::scratch_directory;
-using Matrix = kqsvd::io::RowMajorMatrix<float>;
+using Matrix = kqsvd::RowMatrix<float>;
 
 // ------------------------------------------------------------------------------------------------
 // Synthetic captures: what a forward pass hands over, per layer and sequence, heads side by side.
@@ -83,7 +87,7 @@ Capture random_capture(const ModelShape& shape, Index tokens, Index batch, Index
   return capture;
 }
 
-ActivationMetadata metadata(RopeMode rope = RopeMode::applied) {
+ActivationMetadata metadata(RopeMode rope = RopeMode::post_rope) {
   ActivationMetadata m;
   m.model = "synthetic";
   m.rope = rope;
@@ -123,7 +127,7 @@ TEST(ActivationFile, WriterReaderRoundTripIsExactInFloat32) {
   EXPECT_EQ(file.tokens(), 5);
   EXPECT_EQ(file.token_count(), 15);
   EXPECT_EQ(file.metadata().model, "synthetic");
-  EXPECT_EQ(file.metadata().rope, RopeMode::applied);
+  EXPECT_EQ(file.metadata().rope, RopeMode::post_rope);
   EXPECT_EQ(file.metadata().rope_style, kqsvd::RopeStyle::rotate_half);
   EXPECT_EQ(file.metadata().rope_theta, 500000.0);
   EXPECT_EQ(file.tensors().metadata().at("rope_theta"), "500000");
@@ -188,7 +192,7 @@ TEST(ActivationFile, ThreeDimensionalTensorsAreOneSequence) {
   EXPECT_EQ(file.batch(), 1);
   EXPECT_EQ(file.tokens(), 6);
   EXPECT_EQ(file.shape(), (ModelShape{1, 4, 2, 8}));
-  EXPECT_EQ(file.metadata().rope, RopeMode::none);
+  EXPECT_EQ(file.metadata().rope, RopeMode::pre_rope);
   EXPECT_EQ(file.metadata().rope_theta, 10000.0);
   EXPECT_FALSE(file.has_output_weights());
   EXPECT_TRUE(file.output_weights().empty());
@@ -336,7 +340,7 @@ TEST(ActivationFile, RequireLayoutNamesBothFiles) {
   ActivationMetadata other = metadata();
   other.model = "another";
   write_capture(capture, directory / "b.safetensors", other);
-  write_capture(capture, directory / "c.safetensors", metadata(RopeMode::none));
+  write_capture(capture, directory / "c.safetensors", metadata(RopeMode::pre_rope));
   const ActivationFile a((directory / "a.safetensors").string());
   const ActivationFile b((directory / "b.safetensors").string());
   const ActivationFile c((directory / "c.safetensors").string());
@@ -459,8 +463,8 @@ TEST(Measure, PreRopeFilesAreScoredWithTheFilesRotation) {
   const fs::path directory = scratch_directory();
   const Capture calibration = random_capture(small_shape, 9, 3, 10, 11);
   const Capture held_out = random_capture(small_shape, 6, 2, 10, 12);
-  write_capture(held_out, directory / "pre.safetensors", metadata(RopeMode::none));
-  write_capture(held_out, directory / "post.safetensors", metadata(RopeMode::applied));
+  write_capture(held_out, directory / "pre.safetensors", metadata(RopeMode::pre_rope));
+  write_capture(held_out, directory / "post.safetensors", metadata(RopeMode::post_rope));
   const auto projections = fit_on(calibration, kqsvd::Method::k_svd, 4);
 
   const ActivationFile pre((directory / "pre.safetensors").string());
@@ -486,27 +490,27 @@ TEST(Measure, PreRopeFilesAreScoredWithTheFilesRotation) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The shipped real capture (tests/data/activations/stories260K, see its README).
+// The shipped real capture (data/activations/stories260K, see its README).
 
 std::string test_data(const std::string& relative) { return std::string(KQSVD_TEST_DATA_DIR) + "/" + relative; }
 
 TEST(ShippedActivations, Stories260KCaptureMatchesAFreshForwardPass) {
-  const ActivationFile file(test_data("activations/stories260K/eval.safetensors"));
+  const ActivationFile file(repository_data("activations/stories260K/eval.safetensors"));
   EXPECT_EQ(file.shape(), (ModelShape{5, 8, 4, 8}));
   EXPECT_EQ(file.metadata().model, "stories260K");
-  EXPECT_EQ(file.metadata().rope, RopeMode::applied);
+  EXPECT_EQ(file.metadata().rope, RopeMode::post_rope);
   EXPECT_EQ(file.metadata().rope_style, kqsvd::RopeStyle::adjacent_pairs);
   EXPECT_EQ(file.tokens(), 64);
   ASSERT_EQ(file.tensors().metadata().at("stories"), "0,1,2,3");
 
   using namespace kqsvd::llama;
-  const Transformer model(Checkpoint::load(test_data("models/stories260K/stories260K.bin")));
-  const Tokenizer tokenizer = Tokenizer::load(test_data("models/stories260K/tok512.bin"), model.config().vocab_size);
+  const Transformer model(Checkpoint::load(repository_data("models/stories260K/stories260K.bin")));
+  const Tokenizer tokenizer = Tokenizer::load(repository_data("models/stories260K/tok512.bin"), model.config().vocab_size);
   const std::vector<std::string> stories = read_stories(test_data("tinystories_first20.txt"));
   std::vector<int> tokens = tokenizer.encode(stories[2], true, false);
   tokens.resize(64);
   ActivationRecorder recorder;
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   model.forward(tokens, cache, &recorder);
   for (Index l = 0; l < 5; ++l) {
     const AttentionActivations& layer = recorder.blocks(l).front();
@@ -518,8 +522,8 @@ TEST(ShippedActivations, Stories260KCaptureMatchesAFreshForwardPass) {
 }
 
 TEST(ShippedActivations, KqSvdHasTheSmallestHeldOutLogitError) {
-  const ActivationFile calib(test_data("activations/stories260K/calib.safetensors"));
-  const ActivationFile held_out(test_data("activations/stories260K/eval.safetensors"));
+  const ActivationFile calib(repository_data("activations/stories260K/calib.safetensors"));
+  const ActivationFile held_out(repository_data("activations/stories260K/eval.safetensors"));
   calib.require_layout(held_out.layout());
   kqsvd::ModelCalibration calibration(calib.shape());
   kqsvd::io::calibrate(calibration, calib);

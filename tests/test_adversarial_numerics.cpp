@@ -7,11 +7,11 @@
 // integer reference.
 #include <gtest/gtest.h>
 
-#include <kqsvd/fit.hpp>
-#include <kqsvd/gram_accumulator.hpp>
-#include <kqsvd/low_rank_projection.hpp>
-#include <kqsvd/method.hpp>
-#include <kqsvd/rank_selection.hpp>
+#include <kqsvd/solvers/fit.hpp>
+#include <kqsvd/calibration/gram_accumulator.hpp>
+#include <kqsvd/solvers/low_rank_projection.hpp>
+#include <kqsvd/solvers/method.hpp>
+#include <kqsvd/solvers/rank_selection.hpp>
 
 #include <Eigen/SVD>
 

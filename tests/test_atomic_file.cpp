@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "file_test_support.hpp"
 #include "kqsvd/io/atomic_file.hpp"
 

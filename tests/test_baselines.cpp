@@ -125,7 +125,7 @@ TEST(MethodOrdering, NoBaselineBeatsKqSvdOnScores) {
   }
 }
 
-TEST(ValueProjection, BaselinesUseValueSvd) {
+TEST(ValueProjection, BaselinesUseValueSvdAndAreLabelledSo) {
   const Index n = 300, d = 16, r = 4;
   const MatrixXd v = gaussian(n, d, 31) * gaussian(d, d, 32);
   kqsvd::GramAccumulator values(d);
@@ -134,7 +134,9 @@ TEST(ValueProjection, BaselinesUseValueSvd) {
   Eigen::JacobiSVD<MatrixXd> svd(v, Eigen::ComputeThinV);
   for (Method m : {Method::k_svd, Method::eigen_attention}) {
     const auto proj = kqsvd::fit_value_projection<double>(m, values, unused, RankSelection::fixed(r));
-    EXPECT_EQ(proj.method(), m);
+    // Both compress values with V-SVD, K-SVD applied to values, and say so.
+    EXPECT_EQ(proj.method(), Method::k_svd);
+    EXPECT_EQ(kqsvd::value_method(m), Method::k_svd);
     EXPECT_LT((projector(proj.encoder()) - projector(svd.matrixV().leftCols(r))).norm(), 1e-9);
   }
 }

@@ -1,9 +1,10 @@
 // Tests of the kqsvd command-line tool: the built binary is run on the shipped stories260K capture
-// (tests/data/activations/stories260K) and its JSON is checked against the same quantities computed
+// (data/activations/stories260K) and its JSON is checked against the same quantities computed
 // here through the library API; plus exit codes, --help, overwrite protection and atomic output.
 #include <gtest/gtest.h>
 
-#include <kqsvd/io/activations.hpp>
+#include <kqsvd/io/activation_evaluation.hpp>
+#include <kqsvd/io/activation_writer.hpp>
 #include <kqsvd/io/projection_file.hpp>
 #include <kqsvd/kqsvd.hpp>
 
@@ -34,7 +35,7 @@ using kqsvd::test::scratch_directory;
 using nlohmann::json;
 
 const std::string binary = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd/kqsvd";
-const std::string data_dir = std::string(KQSVD_TEST_DATA_DIR) + "/activations/stories260K";
+const std::string data_dir = std::string(KQSVD_DATA_DIR) + "/activations/stories260K";
 const std::string calib = data_dir + "/calib.safetensors";
 const std::string held_out = data_dir + "/eval.safetensors";
 
@@ -134,7 +135,7 @@ void expect_report_matches(const json& report, const kqsvd::ModelProjections<flo
     expect_close(report.at("overall").at(error_keys[m]).get<double>(),
                  overall.relative_error(kqsvd::all_fidelity_metrics[m]), std::string("overall ") + error_keys[m]);
   }
-  expect_close(report.at("overall").at("compression").get<double>(), projections.footprint().ratio(), "overall compression");
+  expect_close(report.at("overall").at("compression").get<double>(), projections.ranks().compression_ratio(), "overall compression");
   EXPECT_EQ(report.at("tokens").get<long>(), 4 * 64);
 }
 
@@ -396,7 +397,7 @@ TEST_F(Cli, PreRopeProjectionsNeedPreRopeData) {
   // The shipped held-out activations relabelled as un-rotated (rope = none): a pre-RoPE data set.
   const ActivationFile post(held_out);
   kqsvd::io::ActivationMetadata metadata = post.metadata();
-  metadata.rope = kqsvd::io::RopeMode::none;
+  metadata.rope = kqsvd::RopeMode::pre_rope;
   kqsvd::io::ActivationWriter writer(post.shape(), post.tokens(), metadata);
   for (Index b = 0; b < post.batch(); ++b) {
     for (Index l = 0; l < post.shape().layers; ++l) {
@@ -412,7 +413,7 @@ TEST_F(Cli, PreRopeProjectionsNeedPreRopeData) {
   writer.write(pre);
 
   ASSERT_EQ(kqsvd({"fit", "--calib", pre, "--method", "kqsvd", "--rank", "4", "--out", proj}).exit_code, 0);
-  EXPECT_EQ(kqsvd::io::ProjectionFile::load(proj).info().rope, kqsvd::io::RopeMode::none);
+  EXPECT_EQ(kqsvd::io::ProjectionFile::load(proj).info().rope, kqsvd::RopeMode::pre_rope);
   const Result eval = kqsvd({"eval", "--proj", proj, "--data", pre, "--json"});
   ASSERT_EQ(eval.exit_code, 0) << eval.err;
   // Scored the pre-RoPE way: the library's measure() on the same file, which rotates with its RoPE.

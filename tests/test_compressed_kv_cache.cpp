@@ -1,5 +1,5 @@
 // The compressed KV cache (kqsvd/llama/compressed_kv_cache.hpp) and its calibration glue
-// (calibration.hpp, compression_target.hpp). References are independent: a per-query double-precision
+// (calibration.hpp) and the core's rank allocation (solvers/budget_allocation.hpp). References are independent: a per-query double-precision
 // attention written from the definitions (scores (q B)(k A)^T post-RoPE, q . rot((k A) B^T) pre-RoPE,
 // exact rows inside the window), the exact FullKvCache for the cases that must be lossless, Grams
 // multiplied out from recorded activations, and byte counts from the formula.
@@ -7,7 +7,7 @@
 
 #include <kqsvd/llama/calibration.hpp>
 #include <kqsvd/llama/compressed_kv_cache.hpp>
-#include <kqsvd/llama/compression_target.hpp>
+#include <kqsvd/solvers/budget_allocation.hpp>
 #include <kqsvd/llama/likelihood.hpp>
 #include <kqsvd/llama/tokenizer.hpp>
 #include <kqsvd/llama/transformer.hpp>
@@ -21,8 +21,11 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include "test_support.hpp"
 
 namespace {
+
+using kqsvd::test::repository_data;
 
 using Eigen::Index;
 using kqsvd::LowRankProjection;
@@ -30,12 +33,12 @@ using kqsvd::Method;
 using kqsvd::ModelProjections;
 using kqsvd::ModelShape;
 using kqsvd::RankSelection;
-using kqsvd::llama::AttentionShape;
 using kqsvd::llama::Checkpoint;
 using kqsvd::llama::CompressedKvCache;
 using kqsvd::llama::FullKvCache;
-using kqsvd::llama::RopeMode;
-using kqsvd::llama::RowMatrix;
+using kqsvd::RopeMode;
+using kqsvd::StorageFormat;
+using RowMatrix = kqsvd::RowMatrix<float>;
 using kqsvd::llama::Tokenizer;
 using kqsvd::llama::Transformer;
 
@@ -67,8 +70,8 @@ std::vector<std::string> first_twenty_stories() {
 
 // The shared stories260K model (head_dim 8, 5 layers, 8 query / 4 KV heads) and token sequences.
 struct Stories260K {
-  Transformer model{Checkpoint::load(test_data("models/stories260K/stories260K.bin"))};
-  Tokenizer tokenizer = Tokenizer::load(test_data("models/stories260K/tok512.bin"), 512);
+  Transformer model{Checkpoint::load(repository_data("models/stories260K/stories260K.bin"))};
+  Tokenizer tokenizer = Tokenizer::load(repository_data("models/stories260K/tok512.bin"), 512);
 
   std::vector<int> story(std::size_t index, std::size_t max_tokens) const {
     std::vector<int> tokens = tokenizer.encode(first_twenty_stories().at(index), true, false);
@@ -167,14 +170,14 @@ ModelProjections<float> random_projections(const ModelShape& shape, const std::v
 // Attention of layer 0 for queries (rotated) at positions first .. first + T - 1 over the un-rotated
 // `keys` and `values` of positions 0 .. n-1, exactly as the cache's definition reads, one query and
 // one key at a time.
-Eigen::MatrixXd reference_attention(const AttentionShape& shape, const ModelProjections<float>& projections,
+Eigen::MatrixXd reference_attention(const ModelShape& shape, const ModelProjections<float>& projections,
                                     RopeMode mode, Index window, const RowMatrix& keys, const RowMatrix& values,
                                     const RowMatrix& queries, Index first) {
   const Index d = shape.head_dim;
   Eigen::MatrixXd output(queries.rows(), shape.query_width());
   for (Index i = 0; i < queries.rows(); ++i) {
     const Index p = first + i;
-    for (Index h = 0; h < shape.n_heads; ++h) {
+    for (Index h = 0; h < shape.query_heads; ++h) {
       const Index g = h / shape.group_size();
       const Eigen::MatrixXd a = projections.keys(0, g).encoder().cast<double>();
       const Eigen::MatrixXd b = projections.keys(0, g).decoder().cast<double>();
@@ -207,9 +210,10 @@ Eigen::MatrixXd reference_attention(const AttentionShape& shape, const ModelProj
   return output;
 }
 
-// One layer, 4 query heads on 2 KV heads (GQA), head_dim 8.
-const AttentionShape synthetic_shape{1, 4, 2, 8, 10000.0, kqsvd::RopeStyle::adjacent_pairs};
-const ModelShape synthetic_model_shape{1, 4, 2, 8};
+// One layer, 4 query heads on 2 KV heads (GQA), head_dim 8, llama2.c's RoPE.
+const ModelShape synthetic_shape{1, 4, 2, 8};
+const ModelShape& synthetic_model_shape = synthetic_shape;
+const kqsvd::RotaryEmbedding adjacent_rope(8, 10000.0, kqsvd::RopeStyle::adjacent_pairs);
 
 // ------------------------------------------------------------------------------------------------
 // Attention arithmetic against the reference
@@ -220,9 +224,9 @@ TEST(CompressedKvCache, AttentionMatchesTheDefinitionForEveryModeWindowAndPerHea
   const RowMatrix queries = uniform(9, 32, engine, -2.0f, 2.0f);
   // Ranks differ between the KV heads and between keys and values; one is full rank.
   const ModelProjections<float> projections = random_projections(synthetic_model_shape, {3, 8}, {2, 5}, 7);
-  for (const RopeMode mode : kqsvd::llama::all_rope_modes) {
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
     for (const Index window : {0, 1, 3, 100}) {
-      CompressedKvCache<float> cache(synthetic_shape, projections, mode, window);
+      CompressedKvCache cache(synthetic_shape, adjacent_rope, projections, mode, window);
       // Two blocks: each block's queries attend right after its keys are appended.
       cache.append(0, keys.topRows(5), values.topRows(5), 0);
       const RowMatrix first_block = cache.attend(0, queries.topRows(5), 0);
@@ -254,7 +258,7 @@ TEST(CompressedKvCache, PostRopeScoresAreTheLatentProductsAtRankR) {
       2, LowRankProjection<float>(Method::k_svd, Eigen::MatrixXf::Identity(8, 8), Eigen::MatrixXf::Identity(8, 8),
                                   Eigen::VectorXd::Ones(8)));
   const ModelProjections<float> model(synthetic_model_shape, key_projections, identity);
-  CompressedKvCache<float> cache(synthetic_shape, model, RopeMode::post_rope);
+  CompressedKvCache cache(synthetic_shape, adjacent_rope, model, RopeMode::post_rope);
   cache.append(0, keys, values, 0);
   const RowMatrix output = cache.attend(0, query, 1);
   for (Index h = 0; h < 4; ++h) {
@@ -275,9 +279,9 @@ TEST(CompressedKvCache, HalfStorageStaysCloseToFloatStorage) {
   const RowMatrix keys = uniform(20, 16, engine), values = uniform(20, 16, engine);
   const RowMatrix queries = uniform(20, 32, engine);
   const ModelProjections<float> projections = random_projections(synthetic_model_shape, {4, 6}, {3, 8}, 13);
-  for (const RopeMode mode : kqsvd::llama::all_rope_modes) {
-    CompressedKvCache<float> exact(synthetic_shape, projections, mode, 2);
-    CompressedKvCache<Eigen::half> half(synthetic_shape, projections, mode, 2);
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
+    CompressedKvCache exact(synthetic_shape, adjacent_rope, projections, mode, 2);
+    CompressedKvCache half(synthetic_shape, adjacent_rope, projections, mode, 2, StorageFormat::parse("f16"));
     exact.append(0, keys, values, 0);
     half.append(0, keys, values, 0);
     const Eigen::MatrixXd expected =
@@ -294,12 +298,12 @@ TEST(CompressedKvCache, HalfStorageStaysCloseToFloatStorage) {
 TEST(CompressedKvCache, FullRankReproducesTheFullCacheLogitsForEveryMethodAndRopeMode) {
   const Stories260K& s = stories260k();
   const std::vector<int> tokens = s.story(0, 80);
-  FullKvCache full(s.model.attention_shape());
+  FullKvCache full(s.model.shape(), s.model.rotary_embedding());
   const RowMatrix expected = logits_in_blocks(s.model, tokens, full);
   const float tolerance = 1e-3f * std::max(1.0f, expected.cwiseAbs().maxCoeff());
   for (const Method method : kqsvd::all_methods) {
-    for (const RopeMode mode : kqsvd::llama::all_rope_modes) {
-      CompressedKvCache<float> cache(s.model.attention_shape(), full_rank_projections(method, mode), mode);
+    for (const RopeMode mode : kqsvd::all_rope_modes) {
+      CompressedKvCache cache(s.model.shape(), s.model.rotary_embedding(), full_rank_projections(method, mode), mode);
       EXPECT_LT(max_abs_difference(logits_in_blocks(s.model, tokens, cache), expected), tolerance)
           << to_string(method) << " " << to_string(mode);
     }
@@ -309,28 +313,28 @@ TEST(CompressedKvCache, FullRankReproducesTheFullCacheLogitsForEveryMethodAndRop
 TEST(CompressedKvCache, WindowCoveringTheSequenceReproducesTheFullCacheAtAnyRank) {
   const Stories260K& s = stories260k();
   const std::vector<int> tokens = s.story(1, 48);
-  FullKvCache full(s.model.attention_shape());
+  FullKvCache full(s.model.shape(), s.model.rotary_embedding());
   const RowMatrix expected = logits_in_blocks(s.model, tokens, full);
   const float tolerance = 1e-4f * std::max(1.0f, expected.cwiseAbs().maxCoeff());
-  for (const RopeMode mode : kqsvd::llama::all_rope_modes) {
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
     const ModelProjections<float> rank2 =
-        kqsvd::llama::truncate_projections(full_rank_projections(Method::kq_svd, mode), RankSelection::fixed(2));
+        full_rank_projections(Method::kq_svd, mode).truncated(kqsvd::RankAllocation::uniform(s.model.shape(), 2, 2));
     for (const Index window : {48, 1000}) {
-      CompressedKvCache<float> cache(s.model.attention_shape(), rank2, mode, window);
+      CompressedKvCache cache(s.model.shape(), s.model.rotary_embedding(), rank2, mode, window);
       EXPECT_LT(max_abs_difference(logits_in_blocks(s.model, tokens, cache), expected), tolerance)
           << to_string(mode) << " window " << window;
     }
     // A window shorter than the sequence changes the logits: the comparison above has teeth.
-    CompressedKvCache<float> short_window(s.model.attention_shape(), rank2, mode, 8);
+    CompressedKvCache short_window(s.model.shape(), s.model.rotary_embedding(), rank2, mode, 8);
     EXPECT_GT(max_abs_difference(logits_in_blocks(s.model, tokens, short_window), expected), 100 * tolerance);
   }
 }
 
-template <typename Storage>
-void expect_prefill_equals_decode(const Stories260K& s, const std::vector<int>& tokens, RopeMode mode, Index window) {
+void expect_prefill_equals_decode(const Stories260K& s, const std::vector<int>& tokens, RopeMode mode, Index window,
+                                  const StorageFormat& format) {
   const ModelProjections<float> rank3 =
-      kqsvd::llama::truncate_projections(full_rank_projections(Method::kq_svd, mode), RankSelection::fixed(3));
-  CompressedKvCache<Storage> cache(s.model.attention_shape(), rank3, mode, window);
+      full_rank_projections(Method::kq_svd, mode).truncated(kqsvd::RankAllocation::uniform(s.model.shape(), 3, 3));
+  CompressedKvCache cache(s.model.shape(), s.model.rotary_embedding(), rank3, mode, window, format);
   const RowMatrix decode = logits_in_blocks(s.model, tokens, cache, 1);
   const std::size_t decode_bytes = cache.bytes();
   const float tolerance = 1e-4f * std::max(1.0f, decode.cwiseAbs().maxCoeff());
@@ -344,11 +348,12 @@ void expect_prefill_equals_decode(const Stories260K& s, const std::vector<int>& 
 TEST(CompressedKvCache, BlockPrefillEqualsTokenByTokenDecodeWithAWindow) {
   const Stories260K& s = stories260k();
   const std::vector<int> tokens = s.story(0, 32);
-  for (const RopeMode mode : kqsvd::llama::all_rope_modes) {
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
     for (const Index window : {0, 1, 5}) {
-      expect_prefill_equals_decode<float>(s, tokens, mode, window);
+      expect_prefill_equals_decode(s, tokens, mode, window, StorageFormat());
     }
-    expect_prefill_equals_decode<Eigen::half>(s, tokens, mode, 5);
+    expect_prefill_equals_decode(s, tokens, mode, 5, StorageFormat::parse("f16"));
+    expect_prefill_equals_decode(s, tokens, mode, 5, StorageFormat::parse("fp8_e4m3"));
   }
 }
 
@@ -357,13 +362,12 @@ TEST(CompressedKvCache, BlockPrefillEqualsTokenByTokenDecodeWithAWindow) {
 TEST(CompressedKvCache, LowRankCostsLikelihoodAndAWindowRecoversSome) {
   const Stories260K& s = stories260k();
   const std::vector<int> tokens = s.story(0, 128);
-  FullKvCache full(s.model.attention_shape());
+  FullKvCache full(s.model.shape(), s.model.rotary_embedding());
   const double exact = kqsvd::llama::negative_log_likelihood(s.model, tokens, full).mean();
-  const ModelProjections<float> rank2 =
-      kqsvd::llama::truncate_projections(full_rank_projections(Method::kq_svd, RopeMode::post_rope),
-                                         RankSelection::fixed(2));
-  CompressedKvCache<float> no_window(s.model.attention_shape(), rank2, RopeMode::post_rope, 0);
-  CompressedKvCache<float> window(s.model.attention_shape(), rank2, RopeMode::post_rope, 32);
+  const ModelProjections<float> rank2 = full_rank_projections(Method::kq_svd, RopeMode::post_rope)
+                                             .truncated(kqsvd::RankAllocation::uniform(s.model.shape(), 2, 2));
+  CompressedKvCache no_window(s.model.shape(), s.model.rotary_embedding(), rank2, RopeMode::post_rope, 0);
+  CompressedKvCache window(s.model.shape(), s.model.rotary_embedding(), rank2, RopeMode::post_rope, 32);
   const double compressed = kqsvd::llama::negative_log_likelihood(s.model, tokens, no_window).mean();
   const double windowed = kqsvd::llama::negative_log_likelihood(s.model, tokens, window).mean();
   EXPECT_GT(compressed, exact + 0.01);
@@ -374,25 +378,25 @@ TEST(CompressedKvCache, LowRankCostsLikelihoodAndAWindowRecoversSome) {
 // ------------------------------------------------------------------------------------------------
 // Bytes
 
-template <typename Storage>
-void expect_bytes_follow_the_formula(Index window) {
-  const AttentionShape shape{2, 4, 2, 8, 10000.0, kqsvd::RopeStyle::adjacent_pairs};
-  const ModelShape model_shape{2, 4, 2, 8};
+void expect_bytes_follow_the_formula(Index window, const StorageFormat& format) {
+  const ModelShape shape{2, 4, 2, 8};
+  const ModelShape& model_shape = shape;
   const std::vector<Index> key_ranks = {1, 8, 3, 5}, value_ranks = {2, 4, 7, 6};  // [layer * 2 + kv_head]
   const ModelProjections<float> projections = random_projections(model_shape, key_ranks, value_ranks, 21);
-  CompressedKvCache<Storage> cache(shape, projections, RopeMode::post_rope, window);
+  CompressedKvCache cache(shape, adjacent_rope, projections, RopeMode::post_rope, window, format);
   std::mt19937 engine(22);
-  const Index latent_per_token_layer0 = (1 + 2 + 8 + 4), latent_per_token_layer1 = (3 + 7 + 5 + 6);
+  // Per token: each projection's row in the format (codes, and a float16 scale per row for int8).
+  const auto row = [&](Index rank) { return format.bytes_per_row(rank); };
+  const Index latent_per_token_layer0 = row(1) + row(2) + row(8) + row(4), latent_per_token_layer1 = row(3) + row(7) + row(5) + row(6);
   const auto expected_bytes = [&](Index tokens0, Index tokens1) {
     const auto window_rows = [&](Index n) { return std::min(n, window); };
-    return static_cast<std::size_t>((tokens0 * latent_per_token_layer0 + tokens1 * latent_per_token_layer1) *
-                                        static_cast<Index>(sizeof(Storage)) +
+    return static_cast<std::size_t>(tokens0 * latent_per_token_layer0 + tokens1 * latent_per_token_layer1 +
                                     (window_rows(tokens0) + window_rows(tokens1)) * 2 * 16 *
                                         static_cast<Index>(sizeof(float)));
   };
   EXPECT_EQ(cache.bytes(), 0u);
   EXPECT_DOUBLE_EQ(cache.latent_bytes_per_token_per_layer(),
-                   static_cast<double>((latent_per_token_layer0 + latent_per_token_layer1) * sizeof(Storage)) / 2.0);
+                   static_cast<double>(latent_per_token_layer0 + latent_per_token_layer1) / 2.0);
   Index tokens0 = 0, tokens1 = 0;
   for (const Index block : {3, 1, 1, 9, 2}) {
     const RowMatrix kv = uniform(block, 16, engine);
@@ -412,11 +416,12 @@ void expect_bytes_follow_the_formula(Index window) {
   EXPECT_EQ(cache.tokens(1), 0);
 }
 
-TEST(CompressedKvCache, BytesEqualTheFormulaForAnyPerHeadRanksAndBothStorages) {
+TEST(CompressedKvCache, BytesEqualTheFormulaForAnyPerHeadRanksAndStorageFormat) {
   for (const Index window : {0, 4, 100}) {
-    expect_bytes_follow_the_formula<float>(window);
-    expect_bytes_follow_the_formula<Eigen::half>(window);
-    expect_bytes_follow_the_formula<Eigen::bfloat16>(window);
+    for (const char* name : {"f32", "f16", "bf16", "fp8_e5m2", "int8"}) {
+      SCOPED_TRACE(name);
+      expect_bytes_follow_the_formula(window, StorageFormat::parse(name));
+    }
   }
 }
 
@@ -436,8 +441,8 @@ std::string invalid_argument_of(const std::function<void()>& action) {
 
 TEST(CompressedKvCache, RejectsProjectionsOfAnotherShapeAndANegativeWindow) {
   const ModelProjections<float> good = random_projections(synthetic_model_shape, {2, 2}, {2, 2}, 1);
-  const auto construct = [](const AttentionShape& shape, const ModelProjections<float>& p, Index window) {
-    return [shape, &p, window] { CompressedKvCache<float>(shape, p, RopeMode::post_rope, window); };
+  const auto construct = [](const ModelShape& shape, const ModelProjections<float>& p, Index window) {
+    return [shape, &p, window] { CompressedKvCache(shape, adjacent_rope, p, RopeMode::post_rope, window); };
   };
   EXPECT_EQ(invalid_argument_of(construct(synthetic_shape, good, 0)), "(nothing thrown)");
   // Another model: stories260K's projections (5 layers, 8/4 heads) for the synthetic shape.
@@ -453,14 +458,14 @@ TEST(CompressedKvCache, RejectsProjectionsOfAnotherShapeAndANegativeWindow) {
   EXPECT_NE(negative.find("argument 'window'"), std::string::npos) << negative;
 
   // Queries of an earlier block whose window rows were released.
-  CompressedKvCache<float> cache(synthetic_shape, good, RopeMode::pre_rope, 2);
+  CompressedKvCache cache(synthetic_shape, adjacent_rope, good, RopeMode::pre_rope, 2);
   const RowMatrix kv = RowMatrix::Ones(6, 16);
   cache.append(0, kv, kv, 0);
   cache.append(0, kv.topRows(3), kv.topRows(3), 6);
   EXPECT_NE(invalid_argument_of([&] { cache.attend(0, RowMatrix::Ones(2, 32), 2); }).find("'first_position'"),
             std::string::npos);
   EXPECT_NO_THROW(cache.attend(0, RowMatrix::Ones(3, 32), 6));
-  EXPECT_THROW(kqsvd::llama::parse_rope_mode("sideways"), kqsvd::InvalidArgument);
+  EXPECT_THROW(kqsvd::parse_rope_mode("sideways"), kqsvd::InvalidArgument);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ TEST(CompressedKvCacheCalibration, ObserverAccumulatesTheGramsOfTheRecordedActiv
   const std::vector<std::vector<int>> sequences = {s.story(2, 30), s.story(3, 17)};
   kqsvd::llama::ActivationRecorder recorder;
   kqsvd::llama::observe_sequences(s.model, sequences, recorder);
-  for (const RopeMode mode : kqsvd::llama::all_rope_modes) {
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
     const kqsvd::ModelCalibration calibration = kqsvd::llama::calibrate(s.model, sequences, mode);
     for (Index l = 0; l < 5; ++l) {
       for (Index g = 0; g < 4; ++g) {
@@ -499,22 +504,23 @@ TEST(CompressedKvCacheCalibration, ObserverAccumulatesTheGramsOfTheRecordedActiv
 }
 
 TEST(CompressedKvCacheCalibration, UniformRanksAndErrorBudgetsReachTheTargetRatio) {
-  EXPECT_EQ(kqsvd::llama::uniform_rank_for_ratio(64, 0.25), 16);
-  EXPECT_EQ(kqsvd::llama::uniform_rank_for_ratio(8, 0.75), 6);
-  EXPECT_EQ(kqsvd::llama::uniform_rank_for_ratio(8, 0.01), 1);
-  EXPECT_THROW(kqsvd::llama::uniform_rank_for_ratio(8, 0.0), kqsvd::InvalidArgument);
+  EXPECT_EQ(kqsvd::uniform_rank_for_ratio(64, 0.25), 16);
+  EXPECT_EQ(kqsvd::uniform_rank_for_ratio(8, 0.75), 6);
+  EXPECT_EQ(kqsvd::uniform_rank_for_ratio(8, 0.01), 1);
+  EXPECT_THROW(kqsvd::uniform_rank_for_ratio(8, 0.0), kqsvd::InvalidArgument);
   for (const Method method : kqsvd::all_methods) {
     const ModelProjections<float>& full = full_rank_projections(method, RopeMode::post_rope);
     for (const double target : {0.25, 0.5, 0.75}) {
-      const kqsvd::llama::ErrorBudgetFit fit = kqsvd::llama::error_budget_for_ratio(full, target);
+      const kqsvd::ErrorBudgetAllocation fit = kqsvd::error_budget_allocation(full, target);
+      const ModelProjections<float> projections = full.truncated(fit.ranks);
       // 40 projections of dimension 8: one rank step moves the ratio by 1/320.
-      EXPECT_NEAR(fit.ratio, target, 0.01) << to_string(method) << " " << target;
+      EXPECT_NEAR(fit.ranks.compression_ratio(), target, 0.01) << to_string(method) << " " << target;
       Index latent = 0;
       for (Index l = 0; l < 5; ++l) {
         for (Index g = 0; g < 4; ++g) {
           for (const bool key : {true, false}) {
             const auto& f = key ? full.keys(l, g) : full.values(l, g);
-            const auto& chosen = key ? fit.projections.keys(l, g) : fit.projections.values(l, g);
+            const auto& chosen = key ? projections.keys(l, g) : projections.values(l, g);
             // The smallest rank whose tail energy is within epsilon^2 of the total, counted here.
             const Eigen::VectorXd s2 = f.singular_values().array().square();
             Index expected = 8;
@@ -530,7 +536,7 @@ TEST(CompressedKvCacheCalibration, UniformRanksAndErrorBudgetsReachTheTargetRati
           }
         }
       }
-      EXPECT_DOUBLE_EQ(fit.ratio, static_cast<double>(latent) / (5 * 4 * 2 * 8));
+      EXPECT_DOUBLE_EQ(fit.ranks.compression_ratio(), static_cast<double>(latent) / (5 * 4 * 2 * 8));
     }
   }
 }

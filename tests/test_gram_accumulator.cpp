@@ -1,6 +1,6 @@
 #include <gtest/gtest.h>
 
-#include <kqsvd/gram_accumulator.hpp>
+#include <kqsvd/calibration/gram_accumulator.hpp>
 
 #include <limits>
 #include <vector>

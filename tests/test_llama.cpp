@@ -1,8 +1,10 @@
 // The llama2.c forward pass: file validation, tokenizer, KV-cache interface, and end-to-end agreement with
-// the reference numbers in /work/shared/models/*/README.txt (from an independent numpy port of run.c).
+// the reference numbers in data/models/*/README.md (from an independent numpy port of run.c).
 // The forward pass is also checked against a plain-loop port of run.c written here, so that a
 // synthetic model exercises what the real ones do not (separate classifier, no legacy RoPE table).
 #include <gtest/gtest.h>
+
+#include <kqsvd/kernels/reference_attention.hpp>
 
 #include <kqsvd/llama/generation.hpp>
 #include <kqsvd/llama/likelihood.hpp>
@@ -21,19 +23,22 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include "test_support.hpp"
 
 namespace {
+
+using kqsvd::test::repository_data;
 
 namespace fs = std::filesystem;
 using Eigen::Index;
 using kqsvd::llama::ActivationRecorder;
-using kqsvd::llama::AttentionShape;
 using kqsvd::llama::Checkpoint;
 using kqsvd::llama::Config;
 using kqsvd::llama::FullKvCache;
 using kqsvd::llama::LayerWeights;
 using kqsvd::llama::NegativeLogLikelihood;
-using kqsvd::llama::RowMatrix;
+using RowMatrix = kqsvd::RowMatrix<float>;
+using kqsvd::ModelShape;
 using kqsvd::llama::Tokenizer;
 using kqsvd::llama::Transformer;
 
@@ -41,11 +46,14 @@ using kqsvd::llama::Transformer;
 // Data and files
 
 std::string test_data(const std::string& relative) { return std::string(KQSVD_TEST_DATA_DIR) + "/" + relative; }
-std::string shared_models(const std::string& relative) {
-  return std::string(KQSVD_TEST_DATA_DIR) + "/../../../shared/models/" + relative;
+// Models that are not shipped with the repository (no licence to redistribute them) are read from the
+// folder KQSVD_MODELS_DIR names, when set; their tests skip otherwise.
+std::string extra_models(const std::string& relative) {
+  const char* folder = std::getenv("KQSVD_MODELS_DIR");
+  return folder == nullptr ? std::string() : std::string(folder) + "/" + relative;
 }
-std::string stories260k_model() { return test_data("models/stories260K/stories260K.bin"); }
-std::string stories260k_tokenizer() { return test_data("models/stories260K/tok512.bin"); }
+std::string stories260k_model() { return repository_data("models/stories260K/stories260K.bin"); }
+std::string stories260k_tokenizer() { return repository_data("models/stories260K/tok512.bin"); }
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -352,10 +360,10 @@ double max_abs_difference(const RowMatrix& a, const RowMatrix& b) { return (a - 
 // compressed cache, with the identity as its compression.
 class PreRopeKvCache : public kqsvd::llama::KvCache {
  public:
-  explicit PreRopeKvCache(const AttentionShape& shape)
-      : KvCache(shape),
-        keys_(static_cast<std::size_t>(shape.n_layers)),
-        values_(static_cast<std::size_t>(shape.n_layers)) {}
+  PreRopeKvCache(const ModelShape& shape, const kqsvd::RotaryEmbedding& rope)
+      : KvCache(shape, rope),
+        keys_(static_cast<std::size_t>(shape.layers)),
+        values_(static_cast<std::size_t>(shape.layers)) {}
   std::size_t bytes() const override {
     std::size_t total = 0;
     for (std::size_t l = 0; l < keys_.size(); ++l)
@@ -372,10 +380,17 @@ class PreRopeKvCache : public kqsvd::llama::KvCache {
   RowMatrix do_attend(Index layer, const Eigen::Ref<const RowMatrix>& queries, Index first_position) override {
     const auto l = static_cast<std::size_t>(layer);
     RowMatrix rotated = keys_[l];
-    const auto rope = shape().rotary_embedding();
-    for (Index h = 0; h < shape().n_kv_heads; ++h)
-      rope.rotate(rotated.middleCols(h * shape().head_dim, shape().head_dim), 0);
-    return kqsvd::llama::detail::causal_attention(shape(), queries, first_position, rotated, values_[l]);
+    const Index d = shape().head_dim;
+    for (Index h = 0; h < shape().kv_heads; ++h) rotary_embedding().rotate(rotated.middleCols(h * d, d), 0);
+    // The reference attention, one query head at a time.
+    RowMatrix output(queries.rows(), shape().query_width());
+    for (Index h = 0; h < shape().query_heads; ++h) {
+      const Index g = shape().kv_head_of(h);
+      output.middleCols(h * d, d) =
+          kqsvd::causal_attention(queries.middleCols(h * d, d), rotated.middleCols(g * d, d),
+                                  values_[l].middleCols(g * d, d), first_position, 1.0 / std::sqrt(double(d)));
+    }
+    return output;
   }
   void do_reset() override {
     for (auto& k : keys_) k.resize(0, shape().kv_width());
@@ -653,18 +668,20 @@ TEST_F(LlamaFiles, TokenizerRejectsMalformedFilesWithFormatErrorNamingFileAndPro
 // KV cache
 
 TEST(LlamaKvCache, FullCacheAttentionMatchesDirectSoftmaxWithRopeAndGqa) {
-  const AttentionShape shape{1, 4, 2, 8, 10000.0, kqsvd::RopeStyle::adjacent_pairs};
+  const ModelShape shape{1, 4, 2, 8};
   std::mt19937 engine(11);
   const RowMatrix keys = uniform(7, 16, -1, 1, engine), values = uniform(7, 16, -1, 1, engine);
   const RowMatrix queries = uniform(3, 32, -2, 2, engine);
-  FullKvCache cache(shape);
+  FullKvCache cache(shape, kqsvd::RotaryEmbedding(8));
   cache.append(0, keys.topRows(4), values.topRows(4), 0);  // two blocks: the cache must join them
   cache.append(0, keys.bottomRows(3), values.bottomRows(3), 4);
   const RowMatrix output = cache.attend(0, queries, 4);  // positions 4, 5, 6
 
   const Eigen::MatrixXd rotated = rotate_reference(keys.cast<double>(), 8, 0);
-  EXPECT_LT((cache.keys(0).cast<double>() - rotated).cwiseAbs().maxCoeff(), 1e-5);
-  EXPECT_EQ(cache.values(0), values);
+  for (Index g = 0; g < 2; ++g) {
+    EXPECT_LT((cache.head(0, g).keys().cast<double>() - rotated.middleCols(g * 8, 8)).cwiseAbs().maxCoeff(), 1e-5);
+    EXPECT_EQ(cache.head(0, g).values(), values.middleCols(g * 8, 8));
+  }
   for (Index i = 0; i < 3; ++i)
     for (Index h = 0; h < 4; ++h) {
       const Index g = h / 2, visible = 4 + i + 1;
@@ -680,13 +697,13 @@ TEST(LlamaKvCache, FullCacheAttentionMatchesDirectSoftmaxWithRopeAndGqa) {
 
 TEST(LlamaKvCache, FullCacheBytesEqualTheFormulaAndResetEmptiesIt) {
   const Transformer model(Checkpoint::load(stories260k_model()));
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   EXPECT_EQ(cache.bytes(), 0u);
   model.forward({1, 403, 407, 261, 378}, cache);
   model.forward({432}, cache);
   // 2 (keys, values) x 5 layers x 6 tokens x 4 KV heads x head_dim 8 x 4 bytes.
   EXPECT_EQ(cache.bytes(), 2u * 5 * 6 * 4 * 8 * sizeof(float));
-  EXPECT_EQ(cache.tokens(4), 6);
+  EXPECT_EQ(cache.head(4, 3).size(), 6);
   EXPECT_EQ(cache.next_position(0), 6);
   cache.reserve(512);  // capacity is not payload
   EXPECT_EQ(cache.bytes(), 2u * 5 * 6 * 4 * 8 * sizeof(float));
@@ -696,8 +713,8 @@ TEST(LlamaKvCache, FullCacheBytesEqualTheFormulaAndResetEmptiesIt) {
 }
 
 TEST(LlamaKvCache, RejectsInconsistentCalls) {
-  const AttentionShape shape{2, 4, 2, 8, 10000.0, kqsvd::RopeStyle::adjacent_pairs};
-  FullKvCache cache(shape);
+  const ModelShape shape{2, 4, 2, 8};
+  FullKvCache cache(shape, kqsvd::RotaryEmbedding(8));
   const RowMatrix kv = RowMatrix::Ones(3, 16);
   EXPECT_THROW(cache.append(2, kv, kv, 0), kqsvd::InvalidArgument);                      // no such layer
   EXPECT_THROW(cache.append(0, RowMatrix::Ones(3, 15), kv, 0), kqsvd::InvalidArgument);  // width
@@ -708,8 +725,8 @@ TEST(LlamaKvCache, RejectsInconsistentCalls) {
   EXPECT_THROW(cache.attend(0, RowMatrix::Ones(2, 32), 2), kqsvd::InvalidArgument);  // position 3 not cached
   EXPECT_THROW(cache.attend(1, RowMatrix::Ones(1, 32), 0), kqsvd::InvalidArgument);  // layer 1 empty
   EXPECT_THROW(cache.attend(0, RowMatrix::Ones(1, 16), 0), kqsvd::InvalidArgument);  // width
-  EXPECT_THROW(FullKvCache(AttentionShape{2, 4, 3, 8, 10000.0, kqsvd::RopeStyle::adjacent_pairs}),
-               kqsvd::InvalidArgument);
+  EXPECT_THROW(FullKvCache(ModelShape{2, 4, 3, 8}, kqsvd::RotaryEmbedding(8)), kqsvd::InvalidArgument);
+  EXPECT_THROW(FullKvCache(ModelShape{2, 4, 2, 8}, kqsvd::RotaryEmbedding(16)), kqsvd::InvalidArgument);
 
   const Transformer model(random_checkpoint(small_gqa_config(true), 1));
   EXPECT_THROW(model.forward({1}, cache), kqsvd::InvalidArgument);  // built for another shape
@@ -719,8 +736,8 @@ TEST(LlamaKvCache, RejectsInconsistentCalls) {
 TEST(LlamaKvCache, PreRopeCacheImplementationGivesTheSameLogits) {
   const Transformer model(Checkpoint::load(stories260k_model()));
   const std::vector<int> tokens = parse_ids("1 403 407 261 378 432 383 286 261 376 298 315 421 395 317 426");
-  FullKvCache full(model.attention_shape());
-  PreRopeKvCache pre_rope(model.attention_shape());
+  FullKvCache full(model.shape(), model.rotary_embedding());
+  PreRopeKvCache pre_rope(model.shape(), model.rotary_embedding());
   const RowMatrix expected = model.forward(tokens, full);
   RowMatrix logits(tokens.size(), 512);
   logits.topRows(10) = model.forward(std::vector<int>(tokens.begin(), tokens.begin() + 10), pre_rope);
@@ -736,7 +753,7 @@ TEST(LlamaTransformer, MatchesAPlainRunCPortOnASyntheticGqaModelWithSeparateClas
   const Checkpoint weights = random_checkpoint(small_gqa_config(false), 17);
   const Transformer model{Checkpoint(weights)};
   const std::vector<int> tokens = {1, 17, 299, 42, 42, 0, 5, 250, 3, 88, 123, 7};
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   const RowMatrix logits = model.forward(tokens, cache);
   RunCPort reference(weights);
   for (std::size_t pos = 0; pos < tokens.size(); ++pos) {
@@ -754,7 +771,7 @@ TEST(LlamaTransformer, PrefillEqualsTokenByTokenDecodeAndBlockwiseNllAgrees) {
   std::vector<int> tokens =
       tokenizer.encode(split_stories(read_file(test_data("tinystories_first20.txt")))[0], true, false);
   tokens.resize(160);
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   const RowMatrix prefill = model.forward(tokens, cache);
   cache.reset();
   RowMatrix decode(prefill.rows(), prefill.cols());
@@ -774,7 +791,7 @@ TEST(LlamaTransformer, ActivationRecorderCapturesEachLayersQueriesKeysAndValues)
   const Transformer model(Checkpoint::load(stories260k_model()));
   const Config& c = model.config();
   const std::vector<int> tokens = parse_ids("1 403 407 261 378 432 383 286 261 376 298 315");
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   ActivationRecorder whole;
   model.forward(tokens, cache, &whole);
   cache.reset();
@@ -819,7 +836,7 @@ TEST(LlamaTransformer, ActivationRecorderCapturesEachLayersQueriesKeysAndValues)
 
 TEST(LlamaTransformer, RejectsBadTokens) {
   const Transformer model(random_checkpoint(small_gqa_config(true), 2));
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   EXPECT_THROW(model.forward({}, cache), kqsvd::InvalidArgument);
   EXPECT_THROW(model.forward({1, 300}, cache), kqsvd::InvalidArgument);
   EXPECT_THROW(model.forward({-1}, cache), kqsvd::InvalidArgument);
@@ -843,7 +860,7 @@ bool available(const ModelFiles& files) { return fs::exists(files.model) && fs::
 
 std::vector<int> greedy_after_bos(const ModelFiles& files, Index steps) {
   const Transformer model(Checkpoint::load(files.model));
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   return kqsvd::llama::generate_greedy(model, {Tokenizer::bos_id}, steps, cache);
 }
 
@@ -853,7 +870,7 @@ NegativeLogLikelihood story_nll(const ModelFiles& files, const std::vector<std::
                                 std::size_t max_tokens) {
   const Transformer model(Checkpoint::load(files.model));
   const Tokenizer tokenizer = Tokenizer::load(files.tokenizer, model.config().vocab_size);
-  FullKvCache cache(model.attention_shape());
+  FullKvCache cache(model.shape(), model.rotary_embedding());
   NegativeLogLikelihood total;
   for (const std::string& story : stories) {
     std::vector<int> tokens = tokenizer.encode(story, true, false);
@@ -868,10 +885,11 @@ std::vector<std::string> first_twenty_stories() {
 }
 
 const ModelFiles stories260k{stories260k_model(), stories260k_tokenizer()};
-const ModelFiles llama2xs{shared_models("llama2xs-tinystories-260K/model.bin"),
-                          shared_models("llama2xs-tinystories-260K/tok512.bin")};
-const ModelFiles aidreams{shared_models("aidreams260K/aidreams260K.bin"), shared_models("aidreams260K/tok512.bin")};
-const ModelFiles tinyllama{shared_models("tinyllama-h64/model.bin"), shared_models("tinyllama-h64/tok512.bin")};
+const ModelFiles llama2xs{extra_models("llama2xs-tinystories-260K/model.bin"),
+                          extra_models("llama2xs-tinystories-260K/tok512.bin")};
+const ModelFiles aidreams{extra_models("aidreams260K/aidreams260K.bin"), extra_models("aidreams260K/tok512.bin")};
+const ModelFiles tinyllama{repository_data("models/tinyllama-h64/model.bin"),
+                           repository_data("models/tinyllama-h64/tok512.bin")};
 
 // The READMEs' first 32 greedy ids after BOS and their greedy text.
 TEST(LlamaModels, Stories260KGreedyMatchesReadme) {
@@ -890,7 +908,7 @@ TEST(LlamaModels, Stories260KNllMatchesReadme) {
 }
 
 TEST(LlamaModels, Llama2xsGreedyAndNllMatchReadme) {
-  if (!available(llama2xs)) GTEST_SKIP() << "shared model not found: " << llama2xs.model;
+  if (!available(llama2xs)) GTEST_SKIP() << "not shipped: set KQSVD_MODELS_DIR to a folder holding llama2xs-tinystories-260K/";
   EXPECT_EQ(greedy_after_bos(llama2xs, 32),
             parse_ids("403 407 261 378 432 383 286 261 376 298 315 421 395 317 426 338 401 396 267 337 410 408 419 "
                       "292 411 269 280 314 411 267 337 335"));
@@ -901,7 +919,7 @@ TEST(LlamaModels, Llama2xsGreedyAndNllMatchReadme) {
 
 // MHA (no GQA), head_dim 16, its own vocabulary. The README gives its TinyStories NLL to 2 decimals.
 TEST(LlamaModels, AiDreamsGreedyAndNllMatchReadme) {
-  if (!available(aidreams)) GTEST_SKIP() << "shared model not found: " << aidreams.model;
+  if (!available(aidreams)) GTEST_SKIP() << "not shipped: set KQSVD_MODELS_DIR to a folder holding aidreams260K/";
   EXPECT_EQ(greedy_after_bos(aidreams, 32),
             parse_ids("319 459 355 260 275 429 339 315 374 327 446 262 421 392 275 280 269 440 270 283 446 299 303 "
                       "266 358 430 312 379 441 260 446 262"));
@@ -909,14 +927,12 @@ TEST(LlamaModels, AiDreamsGreedyAndNllMatchReadme) {
 }
 
 TEST(LlamaModels, TinyllamaH64GreedyMatchesReadme) {
-  if (!available(tinyllama)) GTEST_SKIP() << "shared model not found: " << tinyllama.model;
   EXPECT_EQ(greedy_after_bos(tinyllama, 32),
             parse_ids("403 407 261 378 432 383 286 261 376 298 315 421 395 317 426 338 401 396 267 337 335 311 267 "
                       "422 419 269 344 294 280 347 433 417"));
 }
 
 TEST(LlamaModels, TinyllamaH64NllOnTrainingStoriesMatchesReadme) {
-  if (!available(tinyllama)) GTEST_SKIP() << "shared model not found: " << tinyllama.model;
   const NegativeLogLikelihood nll = story_nll(tinyllama, first_twenty_stories(), 256);
   EXPECT_EQ(nll.tokens, 4934);
   EXPECT_NEAR(nll.mean(), 0.9310, 1e-3);
@@ -924,12 +940,10 @@ TEST(LlamaModels, TinyllamaH64NllOnTrainingStoriesMatchesReadme) {
 
 // Unoptimised (Debug, sanitizer) builds take tens of seconds here, so they run it only on request.
 TEST(LlamaModels, TinyllamaH64NllOnHeldOutStoriesMatchesReadme) {
-  if (!available(tinyllama)) GTEST_SKIP() << "shared model not found: " << tinyllama.model;
   if (!optimized_build && std::getenv("KQSVD_SLOW_TESTS") == nullptr) {
     GTEST_SKIP() << "slow without optimisation; set KQSVD_SLOW_TESTS=1 to run it";
   }
-  const std::string text_path = shared_models("tinystories-text/tinystories_sample.txt");
-  if (!fs::exists(text_path)) GTEST_SKIP() << "shared text not found: " << text_path;
+  const std::string text_path = repository_data("text/tinystories/tinystories_sample.txt");
   const std::vector<std::string> all = split_stories(read_file(text_path));
   ASSERT_GE(all.size(), 2120u);
   const NegativeLogLikelihood nll =

@@ -100,8 +100,8 @@ TEST(ModelCalibration, ByteIdenticalForAnySplitOfTheStreamUnderGqa) {
       EXPECT_EQ(from_cut.values(l, h).encoder(), from_whole.values(l, h).encoder());
     }
   }
-  kqsvd::test::expect_invalid([&] { (void)whole.query_head(0, 4); },
-                              "kqsvd::ModelCalibration::query_head: argument 'query_head' is 4, outside [0, 4)");
+  kqsvd::test::expect_invalid([&] { whole.add_queries(0, 4, MatrixXd::Zero(1, 8)); },
+                              "kqsvd::ModelCalibration::add_queries: argument 'query_head' is 4, outside [0, 4)");
   kqsvd::test::expect_invalid([&] { (void)whole.queries(0, 2); }, "kqsvd::ModelCalibration::queries");
 }
 
@@ -167,24 +167,32 @@ TEST(ModelProjections, FitsEveryHeadLikeTheSingleHeadSolver) {
   EXPECT_EQ(baseline.values(1, 1).rank(), 5);
 }
 
-TEST(ModelProjections, FootprintCountsLatentsAndProjectionsSeparately) {
+TEST(ModelProjections, FootprintCountsLatentsProjectionsAndTheWindowExactly) {
   kqsvd::ModelCalibration calibration(shape);
   for (Index l = 0; l < 2; ++l) {
     const Layer x = make_layer(40, 50 + static_cast<unsigned>(l));
     calibration.add(l, x.q, x.k, x.v);
   }
   const auto model = kqsvd::ModelProjections<float>::fit(calibration, std::vector<MatrixXd>{}, Method::eigen_attention,
-                                                         RankSelection::fixed(3), RankSelection::fixed(5));
-  const auto fp32 = model.footprint();
-  // 2 layers x 2 KV heads x (3 + 5) latents x 4 bytes, against 2 x 2 x (8 + 8) x 4.
-  EXPECT_EQ(fp32.latent_bytes_per_token, 2 * 2 * (3 + 5) * 4);
-  EXPECT_EQ(fp32.full_bytes_per_token, 2 * 2 * 16 * 4);
-  EXPECT_DOUBLE_EQ(fp32.ratio(), 0.5);
+                                                         RankSelection::fixed(4), RankSelection::fixed(8));
+  EXPECT_EQ(model.ranks(), kqsvd::RankAllocation::uniform(shape, 4, 8));
+  EXPECT_DOUBLE_EQ(model.ranks().compression_ratio(), 0.75);
+  const auto fp32 = kqsvd::latent_cache_footprint(model.ranks(), kqsvd::StorageFormat());
+  // 2 layers x 2 KV heads x (4 + 8) latents x 4 bytes, against 2 x 2 x (8 + 8) elements.
+  EXPECT_EQ(fp32.bytes_per_token, 2 * 2 * (4 + 8) * 4);
+  EXPECT_EQ(fp32.elements_per_token, 2 * 2 * 16);
+  EXPECT_DOUBLE_EQ(fp32.bits_per_element(), 24.0);
   // A and B (8 x r each) for keys and values of every head, stored as float.
-  EXPECT_EQ(fp32.projection_bytes, 2 * 2 * (2 * 8 * 3 + 2 * 8 * 5) * 4);
-  const auto fp16 = model.footprint(2);
-  EXPECT_EQ(fp16.latent_bytes_per_token, 2 * 2 * (3 + 5) * 2);
-  EXPECT_THROW(model.footprint(0), kqsvd::InvalidArgument);
+  EXPECT_EQ(fp32.fixed_bytes, 2 * 2 * (2 * 8 * 4 + 2 * 8 * 8) * 4);
+  // int4 in blocks of 4: per row of r elements r / 2 bytes of codes and r / 4 float16 scale-minimum pairs.
+  const auto int4 = kqsvd::latent_cache_footprint(model.ranks(), kqsvd::StorageFormat::parse("int4/4"), /*window=*/3);
+  EXPECT_EQ(int4.bytes_per_token, 2 * 2 * ((2 + 4) + (4 + 8)));
+  EXPECT_EQ(int4.fixed_bytes, fp32.fixed_bytes + 3 * 2 * 2 * 16 * 4);
+  EXPECT_EQ(int4.bytes(10), int4.fixed_bytes + 10 * int4.bytes_per_token);
+  const auto q8 = kqsvd::full_cache_footprint(kqsvd::ModelShape{2, 4, 2, 64}, kqsvd::StorageFormat::parse("q8_0"));
+  EXPECT_DOUBLE_EQ(q8.bits_per_element(), 8.5);
+  EXPECT_THROW(kqsvd::latent_cache_footprint(model.ranks(), kqsvd::StorageFormat::parse("q4_0")), kqsvd::InvalidArgument);
+  EXPECT_THROW(kqsvd::latent_cache_footprint(model.ranks(), kqsvd::StorageFormat(), -1), kqsvd::InvalidArgument);
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "file_test_support.hpp"
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/npy.hpp"
 
 namespace {

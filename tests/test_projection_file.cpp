@@ -58,7 +58,7 @@ kqsvd::ModelProjections<float> fitted(kqsvd::Method method, const RankSelection&
 ProjectionInfo sample_info() {
   ProjectionInfo info;
   info.model = "tinyllama-h64";
-  info.rope = kqsvd::io::RopeMode::none;
+  info.rope = kqsvd::RopeMode::pre_rope;
   info.rope_style = kqsvd::RopeStyle::rotate_half;
   info.rope_theta = 1e6;
   info.key_rank = RankSelection::error_budget(0.05);
@@ -93,7 +93,7 @@ TEST(ProjectionFile, RoundTripIsExact) {
     }
     const ProjectionInfo& info = loaded.info();
     EXPECT_EQ(info.model, "tinyllama-h64");
-    EXPECT_EQ(info.rope, kqsvd::io::RopeMode::none);
+    EXPECT_EQ(info.rope, kqsvd::RopeMode::pre_rope);
     EXPECT_EQ(info.rope_style, kqsvd::RopeStyle::rotate_half);
     EXPECT_EQ(info.rope_theta, 1e6);
     ASSERT_TRUE(info.key_rank && info.value_rank);
@@ -219,7 +219,7 @@ TEST(ProjectionFile, RejectsActivationFilesAndTruncatedFiles) {
   kqsvd::test::write_file(directory / "cut.safetensors", bytes);
   expect_error<FormatError>([&] { ProjectionFile::load((directory / "cut.safetensors").string()); }, "cut.safetensors");
 
-  const std::string activations = std::string(KQSVD_TEST_DATA_DIR) + "/activations/stories260K/eval.safetensors";
+  const std::string activations = std::string(KQSVD_DATA_DIR) + "/activations/stories260K/eval.safetensors";
   expect_error<FormatError>([&] { ProjectionFile::load(activations); }, "is it an activation file?", activations);
   EXPECT_THROW(ProjectionFile::load((directory / "missing.safetensors").string()), kqsvd::IoError);
 }

@@ -1,10 +1,11 @@
 // KQ-SVD's identities and the ordering of the methods on real activations: Karpathy's stories260K
 // (5 layers, 8 query heads over 4 KV heads, head_dim 8) on TinyStories, captured into
-// tests/data/activations/stories260K (see its README.md). Every expectation is computed here by an
+// data/activations/stories260K (see its README.md). Every expectation is computed here by an
 // independent route: the authors' QR algorithm, or a direct SVD of Q K^T in double.
 #include <gtest/gtest.h>
 
-#include <kqsvd/io/activations.hpp>
+#include <kqsvd/io/activation_evaluation.hpp>
+#include <kqsvd/io/activation_writer.hpp>
 #include <kqsvd/kqsvd.hpp>
 
 #include <Eigen/QR>
@@ -21,7 +22,7 @@ using Eigen::Index;
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
 
-const std::string data_directory = std::string(KQSVD_TEST_DATA_DIR) + "/activations/stories260K/";
+const std::string data_directory = std::string(KQSVD_DATA_DIR) + "/activations/stories260K/";
 
 // One KV head's activations, all sequences of a file stacked along tokens: the matrices whose
 // products the calibration Grams describe.

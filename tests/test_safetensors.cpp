@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "file_test_support.hpp"
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/dtype.hpp"
 #include "kqsvd/io/safetensors.hpp"
 
@@ -271,7 +271,7 @@ TEST(SafetensorsRoundTrip, RowMajorAndColumnMajorMatricesGiveTheSameTensor) {
   const fs::path directory = scratch_directory();
   Eigen::Matrix<float, 2, 3> column_major;
   column_major << 1, 2, 3, 4, 5, 6;
-  const kqsvd::io::RowMajorMatrix<float> row_major = column_major;
+  const kqsvd::RowMatrix<float> row_major = column_major;
   SafetensorsWriter a, b;
   a.add("m", DType::f32, column_major);
   b.add("m", DType::f32, row_major);
@@ -411,7 +411,7 @@ TEST(SafetensorsReadMatrix, BadIndicesAreInvalidArgumentsNamingTensorAndIndex) {
   expect_error<InvalidArgument>([&] { file.read_matrix<float>("m", {0}); }, "needs 0 indices, got 1");
   expect_error<InvalidArgument>([&] { file.read<float>("missing"); }, "no tensor named 'missing'", path.string());
   expect_error<InvalidArgument>([&] { file.info("missing"); }, "no tensor named 'missing'");
-  kqsvd::io::RowMajorMatrix<float> expected(2, 2);
+  kqsvd::RowMatrix<float> expected(2, 2);
   expected << 1, 2, 3, 4;
   EXPECT_EQ(file.read_matrix<float>("m"), expected);
 }

@@ -13,7 +13,7 @@
 #include <string>
 #include <utility>
 
-#include "kqsvd/low_rank_projection.hpp"
+#include "kqsvd/solvers/low_rank_projection.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,6 +22,9 @@
 namespace kqsvd::test {
 
 using Eigen::Index;
+
+// A file of the repository's data/ folder (models, text, captured activations).
+inline std::string repository_data(const std::string& relative) { return std::string(KQSVD_DATA_DIR) + "/" + relative; }
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
 

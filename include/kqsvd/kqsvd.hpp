@@ -1,5 +1,5 @@
-// kqsvd/kqsvd.hpp -- the whole core library (Eigen only). File formats live in kqsvd/io/ and the
-// llama2.c reference model in kqsvd/llama/, included separately.
+// kqsvd/kqsvd.hpp -- the whole core library (Eigen only). The file formats live in kqsvd/io/ (target
+// kqsvd::io), included separately.
 //
 //   #include <kqsvd/kqsvd.hpp>
 //   kqsvd::GramAccumulator keys(d), queries(d);
@@ -7,27 +7,49 @@
 //   auto proj = kqsvd::fit_projection<float>(kqsvd::Method::kq_svd, keys, queries,
 //                                            kqsvd::RankSelection::fixed(16));
 //   auto cached = proj.compress(K);                    // n x 16 instead of n x d
+//
+// The layers, lowest first (a header includes only its own layer and lower ones; docs/architecture.md):
+//   core/         errors, the matrix vocabulary, model shapes, rotary embeddings
+//   calibration/  streaming Gram matrices of activations, per head and per model
+//   solvers/      the closed-form KQ-SVD projection, the baselines, rank selection and allocation
+//   cache/        storage formats and the per-head cache the kernels read
+//   kernels/      the reference attention and the fused decode / prefill kernels
+//   metrics/      fidelity of projections, and what compression costs a model's predictions
 #pragma once
 
-#include "kqsvd/attention.hpp"
-#include "kqsvd/decode_attention.hpp"
-#include "kqsvd/eigen_attention.hpp"
-#include "kqsvd/error.hpp"
-#include "kqsvd/fidelity.hpp"
-#include "kqsvd/fit.hpp"
-#include "kqsvd/fit_options.hpp"
-#include "kqsvd/gram_accumulator.hpp"
-#include "kqsvd/key_query_svd.hpp"
-#include "kqsvd/key_svd.hpp"
-#include "kqsvd/latent_cache.hpp"
-#include "kqsvd/latent_compression.hpp"
-#include "kqsvd/low_rank_projection.hpp"
-#include "kqsvd/method.hpp"
-#include "kqsvd/model_calibration.hpp"
-#include "kqsvd/model_projections.hpp"
-#include "kqsvd/model_shape.hpp"
-#include "kqsvd/output_projection.hpp"
-#include "kqsvd/prefill_attention.hpp"
-#include "kqsvd/rank_selection.hpp"
-#include "kqsvd/rope.hpp"
-#include "kqsvd/spectrum.hpp"
+#include "kqsvd/version.hpp"
+
+#include "kqsvd/core/error.hpp"
+#include "kqsvd/core/matrix.hpp"
+#include "kqsvd/core/model_shape.hpp"
+#include "kqsvd/core/rope.hpp"
+
+#include "kqsvd/calibration/gram_accumulator.hpp"
+#include "kqsvd/calibration/model_calibration.hpp"
+#include "kqsvd/calibration/output_projection.hpp"
+
+#include "kqsvd/solvers/budget_allocation.hpp"
+#include "kqsvd/solvers/eigen_attention.hpp"
+#include "kqsvd/solvers/fit.hpp"
+#include "kqsvd/solvers/fit_options.hpp"
+#include "kqsvd/solvers/key_query_svd.hpp"
+#include "kqsvd/solvers/key_svd.hpp"
+#include "kqsvd/solvers/low_rank_projection.hpp"
+#include "kqsvd/solvers/method.hpp"
+#include "kqsvd/solvers/model_projections.hpp"
+#include "kqsvd/solvers/rank_allocation.hpp"
+#include "kqsvd/solvers/rank_selection.hpp"
+#include "kqsvd/solvers/spectrum.hpp"
+
+#include "kqsvd/cache/head_cache.hpp"
+#include "kqsvd/cache/latent_compression.hpp"
+#include "kqsvd/cache/cache_footprint.hpp"
+#include "kqsvd/cache/storage_format.hpp"
+
+#include "kqsvd/kernels/decode_attention.hpp"
+#include "kqsvd/kernels/partial_attention.hpp"
+#include "kqsvd/kernels/prefill_attention.hpp"
+#include "kqsvd/kernels/reference_attention.hpp"
+
+#include "kqsvd/metrics/fidelity.hpp"
+#include "kqsvd/metrics/next_token_metrics.hpp"

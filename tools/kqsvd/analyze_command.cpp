@@ -1,9 +1,9 @@
 // kqsvd analyze: how low-rank is this model's attention? Spectra of K, Q, V, Q K^T and V W^T per layer
 // and KV head, and the rank each method needs to reach a given error -- all from the d x d Grams of the
 // data, so it runs in one streaming pass.
-#include <kqsvd/fit.hpp>
-#include <kqsvd/output_projection.hpp>
-#include <kqsvd/spectrum.hpp>
+#include <kqsvd/calibration/output_projection.hpp>
+#include <kqsvd/solvers/fit.hpp>
+#include <kqsvd/solvers/spectrum.hpp>
 
 #include <Eigen/Eigenvalues>
 
@@ -104,8 +104,8 @@ HeadAnalysis analyze_head(const Calibration& calibration, const std::vector<Weig
                           Eigen::Index kv_head, double epsilon) {
   const ModelShape& shape = calibration.layout.shape;
   const ModelCalibration& statistics = calibration.statistics;
-  const GramAccumulator& key_gram = statistics.keys(layer, kv_head);
-  const GramAccumulator& query_gram = statistics.queries(layer, kv_head);
+  const GramAccumulator key_gram = statistics.keys(layer, kv_head);
+  const GramAccumulator query_gram = statistics.queries(layer, kv_head);
   const Eigen::MatrixXd keys = key_gram.mean_gram();
   const Eigen::MatrixXd queries = query_gram.mean_gram();
   const Eigen::MatrixXd values = statistics.values(layer, kv_head).mean_gram();
@@ -200,7 +200,7 @@ int analyze_command(const std::vector<std::string>& words) {
   if (args.flag("--json")) {
     nlohmann::ordered_json report = nlohmann::ordered_json::object();
     report["model"] = calibration.layout.metadata.model;
-    report["rope"] = io::to_string(calibration.layout.metadata.rope);
+    report["rope"] = io::rope_spelling(calibration.layout.metadata.rope);
     report["head_dim"] = shape.head_dim;
     report["tokens"] = calibration.tokens;
     report["epsilon"] = epsilon;
@@ -227,7 +227,7 @@ int analyze_command(const std::vector<std::string>& words) {
 
   std::cout << "Attention spectra of " << calibration.layout.metadata.model << " (" << shape.layers << " layers, "
             << shape.query_heads << " query / " << shape.kv_heads << " KV heads, head_dim " << shape.head_dim
-            << ", rope " << io::to_string(calibration.layout.metadata.rope) << ") on " << calibration.tokens
+            << ", rope " << io::rope_spelling(calibration.layout.metadata.rope) << ") on " << calibration.tokens
             << " tokens\n"
             << "per spectrum: r90 / r99 = effective rank at 90 % / 99 % energy, stable = ||X||_F^2 / ||X||_2^2\n"
             << "rank for eps = " << epsilon << ": smallest rank with relative error <= eps, per method (kqsvd ksvd eigen)"

@@ -13,7 +13,4 @@ int eval_command(const std::vector<std::string>& words);
 int compare_command(const std::vector<std::string>& words);
 int analyze_command(const std::vector<std::string>& words);
 
-// "kqsvd 0.1.0": recorded in projection files as their producer.
-const char* tool_version();
-
 }  // namespace kqsvd::cli

@@ -1,8 +1,6 @@
 // kqsvd compare: KQ-SVD, K-SVD and Eigen Attention fitted on the same calibration data, given identical
 // per-head ranks, and measured on the same held-out data; optionally the whole error/compression curve.
-#include <kqsvd/detail/parallel_for.hpp>
-#include <kqsvd/io/atomic_file.hpp>
-#include <kqsvd/spectrum.hpp>
+#include <kqsvd/solvers/spectrum.hpp>
 
 #include <iostream>
 
@@ -10,6 +8,7 @@
 #include "commands.hpp"
 #include "data_set.hpp"
 #include "errors.hpp"
+#include "parallel.hpp"
 #include "progress.hpp"
 #include "svg_plot.hpp"
 
@@ -39,16 +38,6 @@ the errors compare methods and nothing else. One table (or a JSON list of eval's
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
-// Runs body(i) for i in [0, count) on the library's OpenMP loop; the error of the lowest failing i is
-// rethrown.
-template <typename Body>
-void parallel_for(std::size_t count, const Body& body) {
-  detail::parallel_for(
-      static_cast<Eigen::Index>(count), [] { return 0; },
-      [&](Eigen::Index i, int& /*no workspace*/) { body(static_cast<std::size_t>(i)); },
-      /*always_open_region=*/false);
-}
-
 // The ranks of the sweep, dense where the curves bend: head_dim times 1/16, 1/8, 3/16, 1/4, 3/8, 1/2,
 // 3/4 and 1 (rounded up, at least 1, no repeats).
 std::vector<long> sweep_ranks(long head_dim) {
@@ -77,11 +66,10 @@ void write_plot(const std::string& path, const std::vector<ModelProjections<floa
   const std::size_t points = full.size() * ranks.size();
   std::vector<FidelityRow> rows(points);
   ProgressBar progress("plot sweep", points);
-  parallel_for(points, [&](std::size_t point) {
+  parallel_jobs(points, [&](std::size_t point) {
     const std::size_t method = point / ranks.size();
     const long rank = ranks[point % ranks.size()];
-    const Ranks uniform = uniform_ranks(shape, rank);
-    const ModelProjections<float> projections = truncated(full[method], uniform, uniform);
+    const ModelProjections<float> projections = full[method].truncated(RankAllocation::uniform(shape, rank, rank));
     rows[point] = make_report(projections, data.measure(projections, weights), std::nullopt, data.tokens()).overall;
     progress.advance();
   });
@@ -93,11 +81,15 @@ void write_plot(const std::string& path, const std::vector<ModelProjections<floa
                   " held-out tokens; keys and values at rank r of " + std::to_string(shape.head_dim) +
                   " in every head (r = " + std::to_string(ranks.front()) + " ... " + std::to_string(ranks.back()) + ")";
   plot.x_label = "compressed KV cache size / full cache size";
-  PlotPanel scores{"Attention logits Q K^T", "relative error (err_qk)", {}};
-  PlotPanel outputs{"Attention output after o_proj", "relative error (err_out)", {}};
+  PlotPanel scores, outputs;
+  scores.title = "Attention logits Q K^T";
+  scores.y_label = "relative error (err_qk)";
+  outputs.title = "Attention output after o_proj";
+  outputs.y_label = "relative error (err_out)";
   constexpr std::size_t qk = 3, out = 6;  // positions in all_fidelity_metrics
   for (std::size_t m = 0; m < full.size(); ++m) {
-    PlotSeries score_series{display_name(full[m].keys(0, 0).method()), {}, {}};
+    PlotSeries score_series;
+    score_series.name = display_name(full[m].method());
     PlotSeries output_series = score_series;
     for (std::size_t r = 0; r < ranks.size(); ++r) {
       const FidelityRow& row = rows[m * ranks.size() + r];
@@ -110,9 +102,7 @@ void write_plot(const std::string& path, const std::vector<ModelProjections<floa
     outputs.series.push_back(std::move(output_series));
   }
   plot.panels = {scores, outputs};
-  io::AtomicFileWriter file(path, /*overwrite=*/true);
-  file.write(render_svg(plot));
-  file.commit();
+  write_svg(path, render_svg(plot));
 }
 
 }  // namespace
@@ -164,15 +154,12 @@ int compare_command(const std::vector<std::string>& words) {
     full.push_back(ModelProjections<float>::fit(calibration.statistics, weights, method, full_rank, full_rank));
   }
 
-  Ranks keys = uniform_ranks(shape, rank.value_or(1));
-  Ranks values = uniform_ranks(shape, value_rank.value_or(rank.value_or(1)));
+  RankAllocation ranks = RankAllocation::uniform(shape, rank.value_or(1), value_rank.value_or(rank.value_or(1)));
   if (epsilon) {
     for (Eigen::Index l = 0; l < shape.layers; ++l) {
       for (Eigen::Index h = 0; h < shape.kv_heads; ++h) {
-        const auto layer = static_cast<std::size_t>(l);
-        const auto head = static_cast<std::size_t>(h);
-        keys[layer][head] = smallest_rank_within(full.front().keys(l, h).singular_values(), *epsilon);
-        if (!value_rank) values[layer][head] = smallest_rank_within(full.front().values(l, h).singular_values(), *epsilon);
+        ranks.set_key(l, h, smallest_rank_within(full.front().keys(l, h).singular_values(), *epsilon));
+        if (!value_rank) ranks.set_value(l, h, smallest_rank_within(full.front().values(l, h).singular_values(), *epsilon));
       }
     }
   }
@@ -180,8 +167,8 @@ int compare_command(const std::vector<std::string>& words) {
   std::vector<MethodReport> reports(full.size());
   {
     ProgressBar progress("evaluating", full.size());
-    parallel_for(full.size(), [&](std::size_t m) {
-      const ModelProjections<float> projections = truncated(full[m], keys, values);
+    parallel_jobs(full.size(), [&](std::size_t m) {
+      const ModelProjections<float> projections = full[m].truncated(ranks);
       reports[m] = make_report(projections, data.measure(projections, weights), epsilon, data.tokens());
       progress.advance(to_string(all_methods[m]));
     });
@@ -196,10 +183,10 @@ int compare_command(const std::vector<std::string>& words) {
   }
   std::cout << "KQ-SVD vs. baselines on " << layout.metadata.model << " (" << shape.layers << " layers, "
             << shape.query_heads << " query / " << shape.kv_heads << " KV heads, head_dim " << shape.head_dim
-            << ", rope " << io::to_string(layout.metadata.rope) << ")\n"
+            << ", rope " << io::rope_spelling(layout.metadata.rope) << ")\n"
             << "calibration: " << calibration.tokens << " tokens; evaluation: " << data.tokens()
-            << " held-out tokens; identical ranks for every method: keys " << describe_ranks(keys) << ", values "
-            << describe_ranks(values) << (epsilon ? " (chosen from KQ-SVD's spectra)" : "") << "\n"
+            << " held-out tokens; identical ranks for every method: keys " << ranks.describe_keys() << ", values "
+            << ranks.describe_values() << (epsilon ? " (chosen from KQ-SVD's spectra)" : "") << "\n"
             << "relative Frobenius errors (lower is better); compression = compressed / full KV cache\n\n";
   print_method_table(std::cout, reports);
   if (plot_path) std::cout << "\nplot: " << *plot_path << "\n";

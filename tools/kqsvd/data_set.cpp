@@ -87,49 +87,22 @@ std::vector<FidelityTotals> EvaluationData::measure(const ModelProjections<float
   return total;
 }
 
-Ranks key_ranks(const ModelProjections<float>& projections) {
-  const ModelShape& shape = projections.shape();
-  Ranks ranks(static_cast<std::size_t>(shape.layers));
-  for (Eigen::Index l = 0; l < shape.layers; ++l) {
-    for (Eigen::Index h = 0; h < shape.kv_heads; ++h) ranks[static_cast<std::size_t>(l)].push_back(projections.keys(l, h).rank());
-  }
-  return ranks;
-}
-
-Ranks value_ranks(const ModelProjections<float>& projections) {
-  const ModelShape& shape = projections.shape();
-  Ranks ranks(static_cast<std::size_t>(shape.layers));
-  for (Eigen::Index l = 0; l < shape.layers; ++l) {
-    for (Eigen::Index h = 0; h < shape.kv_heads; ++h) ranks[static_cast<std::size_t>(l)].push_back(projections.values(l, h).rank());
-  }
-  return ranks;
-}
-
-Ranks uniform_ranks(const ModelShape& shape, long rank) {
-  return Ranks(static_cast<std::size_t>(shape.layers), std::vector<long>(static_cast<std::size_t>(shape.kv_heads), rank));
-}
-
-ModelProjections<float> truncated(const ModelProjections<float>& full, const Ranks& key_ranks, const Ranks& value_ranks) {
-  const ModelShape& shape = full.shape();
-  std::vector<LowRankProjection<float>> keys, values;
-  for (Eigen::Index l = 0; l < shape.layers; ++l) {
-    for (Eigen::Index h = 0; h < shape.kv_heads; ++h) {
-      const auto layer = static_cast<std::size_t>(l);
-      const auto head = static_cast<std::size_t>(h);
-      keys.push_back(full.keys(l, h).truncated(key_ranks[layer][head]));
-      values.push_back(full.values(l, h).truncated(value_ranks[layer][head]));
-    }
-  }
-  return ModelProjections<float>(shape, std::move(keys), std::move(values));
-}
-
 MethodReport make_report(const ModelProjections<float>& projections, const std::vector<FidelityTotals>& per_layer,
                          std::optional<double> epsilon, long tokens) {
   const ModelShape& shape = projections.shape();
   MethodReport report;
-  report.method = to_string(projections.keys(0, 0).method());
-  report.key_ranks = key_ranks(projections);
-  report.value_ranks = value_ranks(projections);
+  report.method = to_string(projections.method());
+  const RankAllocation ranks = projections.ranks();
+  report.key_ranks.assign(static_cast<std::size_t>(shape.layers), {});
+  report.value_ranks.assign(static_cast<std::size_t>(shape.layers), {});
+  for (Eigen::Index l = 0; l < shape.layers; ++l) {
+    for (Eigen::Index h = 0; h < shape.kv_heads; ++h) {
+      report.key_ranks[static_cast<std::size_t>(l)].push_back(ranks.key(l, h));
+      report.value_ranks[static_cast<std::size_t>(l)].push_back(ranks.value(l, h));
+    }
+  }
+  report.key_description = ranks.describe_keys();
+  report.value_description = ranks.describe_values();
   report.epsilon = epsilon;
   report.tokens = tokens;
   FidelityTotals overall;
@@ -143,7 +116,7 @@ MethodReport make_report(const ModelProjections<float>& projections, const std::
     overall += per_layer[l];
   }
   for (std::size_t m = 0; m < all_fidelity_metrics.size(); ++m) report.overall.errors[m] = overall.relative_error(all_fidelity_metrics[m]);
-  report.overall.compression = projections.footprint().ratio();
+  report.overall.compression = ranks.compression_ratio();
   return report;
 }
 

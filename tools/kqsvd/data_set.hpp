@@ -7,10 +7,10 @@
 //   std::vector<FidelityTotals> per_layer = data.measure(projections, weights);
 #pragma once
 
-#include <kqsvd/io/activations.hpp>
-#include <kqsvd/io/dtype.hpp>
-#include <kqsvd/model_calibration.hpp>
-#include <kqsvd/model_projections.hpp>
+#include <kqsvd/calibration/model_calibration.hpp>
+#include <kqsvd/io/activation_evaluation.hpp>
+#include <kqsvd/io/activation_file.hpp>
+#include <kqsvd/solvers/model_projections.hpp>
 
 #include <cstdint>
 #include <optional>
@@ -22,8 +22,7 @@
 
 namespace kqsvd::cli {
 
-using WeightMatrix = io::RowMajorMatrix<float>;
-using Ranks = std::vector<std::vector<long>>;  // [layer][kv_head]
+using WeightMatrix = RowMatrix<float>;
 
 struct Calibration {
   ModelCalibration statistics;
@@ -63,15 +62,6 @@ class EvaluationData {
  private:
   std::vector<io::ActivationFile> files_;
 };
-
-Ranks key_ranks(const ModelProjections<float>& projections);
-Ranks value_ranks(const ModelProjections<float>& projections);
-
-// The same projections keeping the first key_ranks[l][h] / value_ranks[l][h] dimensions of each head.
-ModelProjections<float> truncated(const ModelProjections<float>& full, const Ranks& key_ranks, const Ranks& value_ranks);
-
-// Per-head ranks all equal to `rank`.
-Ranks uniform_ranks(const ModelShape& shape, long rank);
 
 // The table/JSON row of per-layer totals: relative errors and the layer's compressed / full cache size.
 MethodReport make_report(const ModelProjections<float>& projections, const std::vector<FidelityTotals>& per_layer,

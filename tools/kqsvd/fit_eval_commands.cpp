@@ -11,6 +11,7 @@
 #include "data_set.hpp"
 #include "errors.hpp"
 #include "progress.hpp"
+#include "tool_main.hpp"
 
 namespace kqsvd::cli {
 
@@ -72,10 +73,10 @@ void require_rank_within(const char* option, long rank, const io::ActivationLayo
   }
 }
 
-std::string describe_model(const ModelShape& shape, const std::string& model, io::RopeMode rope) {
+std::string describe_model(const ModelShape& shape, const std::string& model, RopeMode rope) {
   return model + " (" + std::to_string(shape.layers) + " layers, " + std::to_string(shape.query_heads) + " query / " +
          std::to_string(shape.kv_heads) + " KV heads, head_dim " + std::to_string(shape.head_dim) + ", rope " +
-         io::to_string(rope) + ")";
+         io::rope_spelling(rope) + ")";
 }
 
 }  // namespace
@@ -133,8 +134,8 @@ int fit_command(const std::vector<std::string>& words) {
 
   std::cout << "wrote " << out << ": " << to_string(method) << " projections of "
             << describe_model(layout.shape, layout.metadata.model, layout.metadata.rope) << "; key rank "
-            << describe_ranks(key_ranks(projections)) << ", value rank " << describe_ranks(value_ranks(projections))
-            << ", compression " << projections.footprint().ratio() << "; calibrated on " << calibration.tokens
+            << projections.ranks().describe_keys() << ", value rank " << projections.ranks().describe_values()
+            << ", compression " << projections.ranks().compression_ratio() << "; calibrated on " << calibration.tokens
             << " tokens from " << calib.size() << (calib.size() == 1 ? " file" : " files") << "\n";
   return exit_success;
 }
@@ -176,7 +177,7 @@ int eval_command(const std::vector<std::string>& words) {
     return exit_success;
   }
   std::cout << report.method << " projections of " << describe_model(projection_file.shape(), info.model, info.rope)
-            << "\nkey rank " << describe_ranks(report.key_ranks) << ", value rank " << describe_ranks(report.value_ranks)
+            << "\nkey rank " << report.key_description << ", value rank " << report.value_description
             << "; evaluated on " << data.tokens() << " tokens from " << data_paths.size()
             << (data_paths.size() == 1 ? " file" : " files") << " (relative Frobenius errors)\n\n";
   print_layer_table(std::cout, report);

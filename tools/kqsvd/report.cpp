@@ -77,25 +77,6 @@ void print_row(std::ostream& out, const std::string& first, int first_width, con
 
 }  // namespace
 
-std::string describe_ranks(const std::vector<std::vector<long>>& ranks) {
-  long lowest = 0, highest = 0;
-  double sum = 0.0;
-  std::size_t count = 0;
-  for (const auto& layer : ranks) {
-    for (const long rank : layer) {
-      lowest = count == 0 ? rank : std::min(lowest, rank);
-      highest = count == 0 ? rank : std::max(highest, rank);
-      sum += static_cast<double>(rank);
-      ++count;
-    }
-  }
-  if (count == 0) return "-";
-  if (lowest == highest) return std::to_string(lowest);
-  std::ostringstream text;
-  text << std::fixed << std::setprecision(1) << sum / static_cast<double>(count) << " (" << lowest << "-" << highest << ")";
-  return text.str();
-}
-
 nlohmann::ordered_json to_json(const MethodReport& report) {
   nlohmann::ordered_json object = nlohmann::ordered_json::object();
   object["method"] = report.method;

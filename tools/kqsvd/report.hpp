@@ -31,6 +31,7 @@ struct MethodReport {
   std::string method;                         // "kqsvd", "ksvd", "eigen"
   std::vector<std::vector<long>> key_ranks;   // [layer][kv_head]
   std::vector<std::vector<long>> value_ranks;
+  std::string key_description, value_description;  // RankAllocation::describe_keys() / describe_values()
   std::optional<double> epsilon;              // when ranks came from an error budget
   long tokens = 0;                            // evaluation tokens (per head)
   std::vector<FidelityRow> layers;
@@ -47,8 +48,5 @@ void print_layer_table(std::ostream& out, const MethodReport& report);
 
 // One table, a row per method, overall numbers (compare).
 void print_method_table(std::ostream& out, const std::vector<MethodReport>& reports);
-
-// "16" when all heads agree, else "12.5 (8-16)".
-std::string describe_ranks(const std::vector<std::vector<long>>& ranks);
 
 }  // namespace kqsvd::cli

@@ -30,12 +30,14 @@
 #include <string>
 #include <utility>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/detail/posix_error.hpp"
 
 namespace kqsvd::io {
 
-namespace detail {
+}  // namespace kqsvd::io
+
+namespace kqsvd::detail {
 
 inline std::string directory_of(const std::string& path) {
   const auto slash = path.find_last_of('/');
@@ -63,7 +65,9 @@ inline void sync_directory(const std::string& directory) noexcept {
   ::close(fd);
 }
 
-}  // namespace detail
+}  // namespace kqsvd::detail
+
+namespace kqsvd::io {
 
 class AtomicFileWriter {
  public:

@@ -26,7 +26,9 @@
 #include <string_view>
 #include <type_traits>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/detail/float_conversion.hpp"
+#include "kqsvd/core/error.hpp"
+#include "kqsvd/core/matrix.hpp"
 
 namespace kqsvd::io {
 
@@ -113,12 +115,9 @@ inline std::optional<DType> parse_numpy_descr(std::string_view descr) {
   return std::nullopt;
 }
 
-// What the readers return: files store tensors in C (row-major) order, so a row-major matrix maps the
-// last two axes without a transpose.
-template <class Scalar>
-using RowMajorMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+}  // namespace kqsvd::io
 
-namespace detail {
+namespace kqsvd::detail {
 
 template <class Scalar>
 constexpr bool is_io_scalar = std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
@@ -151,21 +150,14 @@ inline float narrow_to_float_round_to_odd(double value) {
   return Eigen::numext::bit_cast<float>(bits);
 }
 
-inline std::uint16_t half_bits(float value) { return Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(value)); }
-inline std::uint16_t half_bits(double value) { return half_bits(narrow_to_float_round_to_odd(value)); }
-inline std::uint16_t bfloat16_bits(float value) {
-  return Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(value));
-}
-inline std::uint16_t bfloat16_bits(double value) { return bfloat16_bits(narrow_to_float_round_to_odd(value)); }
+inline std::uint16_t half_bits(float value) { return float_to_half_bits(value); }
+inline std::uint16_t half_bits(double value) { return float_to_half_bits(narrow_to_float_round_to_odd(value)); }
+inline std::uint16_t bfloat16_bits(float value) { return float_to_bfloat16_bits(value); }
+inline std::uint16_t bfloat16_bits(double value) { return float_to_bfloat16_bits(narrow_to_float_round_to_odd(value)); }
 
-inline float half_value(std::uint16_t bits) {
-  return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(bits));
-}
-inline float bfloat16_value(std::uint16_t bits) {
-  return static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(bits));
-}
+}  // namespace kqsvd::detail
 
-}  // namespace detail
+namespace kqsvd::io {
 
 // Converts `count` little-endian values of type `dtype` starting at `bytes` to Scalar (float or double).
 // `bytes` needs no alignment.
@@ -175,12 +167,12 @@ void decode(DType dtype, const unsigned char* bytes, std::size_t count, Scalar* 
   switch (dtype) {
     case DType::f16:
       for (std::size_t i = 0; i < count; ++i)
-        out[i] = static_cast<Scalar>(detail::half_value(detail::load_little_endian<std::uint16_t>(bytes + 2 * i)));
+        out[i] = static_cast<Scalar>(detail::half_bits_to_float(detail::load_little_endian<std::uint16_t>(bytes + 2 * i)));
       return;
     case DType::bf16:
       for (std::size_t i = 0; i < count; ++i)
         out[i] =
-            static_cast<Scalar>(detail::bfloat16_value(detail::load_little_endian<std::uint16_t>(bytes + 2 * i)));
+            static_cast<Scalar>(detail::bfloat16_bits_to_float(detail::load_little_endian<std::uint16_t>(bytes + 2 * i)));
       return;
     case DType::f32:
       for (std::size_t i = 0; i < count; ++i)

@@ -5,7 +5,7 @@
 //   {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
 // padded with spaces and a newline -- and the raw elements, in C or Fortran order.
 //
-//   kqsvd::io::RowMajorMatrix<double> gram = kqsvd::io::read_npy_matrix<double>("gram.npy");
+//   kqsvd::io::RowMatrix<double> gram = kqsvd::io::read_npy_matrix<double>("gram.npy");
 //   kqsvd::io::NpyArray<float> keys = kqsvd::io::read_npy<float>("keys.npy");   // any rank
 //   kqsvd::io::write_npy("projection.npy", gram, kqsvd::io::DType::f32);        // numpy.load() reads it
 //
@@ -28,7 +28,7 @@
 #include <utility>
 #include <vector>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/atomic_file.hpp"
 #include "kqsvd/io/detail/file_contents.hpp"
 #include "kqsvd/io/detail/shape.hpp"
@@ -44,7 +44,9 @@ struct NpyArray {
   std::vector<Scalar> values;  // C (row-major) order: the last index varies fastest
 };
 
-namespace detail {
+}  // namespace kqsvd::io
+
+namespace kqsvd::detail {
 
 constexpr char npy_magic[] = "\x93NUMPY";
 constexpr std::size_t npy_magic_size = 6;
@@ -278,7 +280,9 @@ inline std::string npy_preamble(const char* descr, bool fortran_order, const std
   throw InvalidArgument("kqsvd::io::write_npy: the header for shape " + format_shape(shape) + " is too long");
 }
 
-}  // namespace detail
+}  // namespace kqsvd::detail
+
+namespace kqsvd::io {
 
 // Reads any array of '<f2', '<f4' or '<f8' elements, converting them to Scalar (float or double).
 template <class Scalar>
@@ -358,7 +362,7 @@ NpyArray<Scalar> read_npy(const std::string& path) {
 // A 2-d array as a rows x cols matrix, a 1-d array of length n as an n x 1 column. Other ranks throw
 // InvalidArgument: the file is fine, it is just not a matrix.
 template <class Scalar>
-RowMajorMatrix<Scalar> read_npy_matrix(const std::string& path) {
+RowMatrix<Scalar> read_npy_matrix(const std::string& path) {
   NpyArray<Scalar> array = read_npy<Scalar>(path);
   const std::size_t rank = array.shape.size();
   if (rank != 1 && rank != 2) {
@@ -367,7 +371,7 @@ RowMajorMatrix<Scalar> read_npy_matrix(const std::string& path) {
   }
   const Eigen::Index rows = array.shape[0];
   const Eigen::Index cols = rank == 2 ? array.shape[1] : 1;
-  return Eigen::Map<const RowMajorMatrix<Scalar>>(array.values.data(), rows, cols);
+  return Eigen::Map<const RowMatrix<Scalar>>(array.values.data(), rows, cols);
 }
 
 // Writes data[0..count), the elements of an array of this shape in C (row-major) order, as `dtype`
@@ -417,7 +421,7 @@ void write_npy(const std::string& path, const Eigen::DenseBase<Derived>& matrix,
                bool fortran_order = false, bool overwrite = false) {
   using Scalar = typename Derived::Scalar;
   static_assert(detail::is_io_scalar<Scalar>, "kqsvd::io::write_npy takes float or double data");
-  const RowMajorMatrix<Scalar> row_major = matrix.derived();
+  const RowMatrix<Scalar> row_major = matrix.derived();
   write_npy(path, {static_cast<std::int64_t>(row_major.rows()), static_cast<std::int64_t>(row_major.cols())},
             row_major.data(), static_cast<std::size_t>(row_major.size()), dtype, fortran_order, overwrite);
 }

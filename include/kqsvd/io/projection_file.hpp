@@ -30,21 +30,22 @@
 #include <utility>
 #include <vector>
 
-#include "kqsvd/error.hpp"
-#include "kqsvd/io/activations.hpp"
+#include "kqsvd/core/error.hpp"
+#include "kqsvd/io/activation_file.hpp"
 #include "kqsvd/io/dtype.hpp"
 #include "kqsvd/io/safetensors.hpp"
-#include "kqsvd/low_rank_projection.hpp"
-#include "kqsvd/method.hpp"
-#include "kqsvd/model_projections.hpp"
-#include "kqsvd/rank_selection.hpp"
+#include "kqsvd/solvers/low_rank_projection.hpp"
+#include "kqsvd/solvers/method.hpp"
+#include "kqsvd/solvers/fit.hpp"
+#include "kqsvd/solvers/model_projections.hpp"
+#include "kqsvd/solvers/rank_selection.hpp"
 
 namespace kqsvd::io {
 
 // How the projections were made and what data they apply to.
 struct ProjectionInfo {
   std::string model;                         // as in the activation files' metadata
-  RopeMode rope = RopeMode::applied;         // the projections act on rotated (applied) or raw keys
+  RopeMode rope = RopeMode::post_rope;       // the projections act on rotated (post-RoPE) or raw keys
   RopeStyle rope_style = RopeStyle::adjacent_pairs;
   double rope_theta = 10000.0;
   std::optional<RankSelection> key_rank;     // how the ranks were chosen, when known
@@ -53,7 +54,9 @@ struct ProjectionInfo {
   std::string producer;                      // e.g. "kqsvd 0.1.0"
 };
 
-namespace detail {
+}  // namespace kqsvd::io
+
+namespace kqsvd::detail {
 
 constexpr const char* projection_format = "kqsvd.projections";
 constexpr int projection_format_version = 1;
@@ -83,7 +86,9 @@ inline std::optional<RankSelection> parse_rank_selection(const std::string& text
   return std::nullopt;
 }
 
-}  // namespace detail
+}  // namespace kqsvd::detail
+
+namespace kqsvd::io {
 
 class ProjectionFile {
  public:
@@ -93,19 +98,20 @@ class ProjectionFile {
   ProjectionFile(Projections projections, ProjectionInfo info)
       : projections_(std::move(projections)), info_(std::move(info)) {
     if (!(info_.rope_theta > 1.0) || !std::isfinite(info_.rope_theta)) {
-      kqsvd::detail::throw_invalid("kqsvd::io::ProjectionFile", "info.rope_theta",
+      detail::throw_invalid("kqsvd::io::ProjectionFile", "info.rope_theta",
                                    "must be finite and > 1, got " + std::to_string(info_.rope_theta));
     }
     if (info_.calibration_tokens < 0) {
-      kqsvd::detail::throw_invalid("kqsvd::io::ProjectionFile", "info.calibration_tokens", "is negative");
+      detail::throw_invalid("kqsvd::io::ProjectionFile", "info.calibration_tokens", "is negative");
     }
   }
 
   const Projections& projections() const { return projections_; }
   const ProjectionInfo& info() const { return info_; }
   const ModelShape& shape() const { return projections_.shape(); }
-  // The method of the key projections (the value projections of K-SVD and Eigen Attention are V-SVD).
-  Method method() const { return projections_.keys(0, 0).method(); }
+  // The method of the key projections (the value projections of K-SVD and Eigen Attention are V-SVD,
+  // Method::k_svd: value_method(method())).
+  Method method() const { return projections_.method(); }
 
   // Atomic: a reader never sees a half-written file, and a failed write leaves no file behind.
   void save(const std::string& path, bool overwrite = false) const {
@@ -119,7 +125,7 @@ class ProjectionFile {
     out.set_metadata("kv_heads", std::to_string(s.kv_heads));
     out.set_metadata("head_dim", std::to_string(s.head_dim));
     out.set_metadata("model", info_.model);
-    out.set_metadata("rope", to_string(info_.rope));
+    out.set_metadata("rope", rope_spelling(info_.rope));
     out.set_metadata("rope_style", to_string(info_.rope_style));
     out.set_metadata("rope_theta", detail::format_number(info_.rope_theta));
     if (info_.key_rank) out.set_metadata("key_rank_selection", detail::format_rank_selection(*info_.key_rank));
@@ -203,7 +209,7 @@ class ProjectionFile {
       ProjectionInfo info;
       info.model = entry("model");
       try {
-        info.rope = parse_rope_mode(entry("rope"));
+        info.rope = parse_rope_spelling(entry("rope"));
         info.rope_style = parse_rope_style(entry("rope_style"));
       } catch (const InvalidArgument&) {
         fail("has __metadata__ rope = '" + entry("rope") + "', rope_style = '" + entry("rope_style") +
@@ -229,8 +235,8 @@ class ProjectionFile {
         for (Index l = 0; l < shape.layers; ++l) {
           for (Index h = 0; h < shape.kv_heads; ++h) {
             keys.push_back(projection(method, shape.head_dim, l, h, "key"));
-            // K-SVD and Eigen Attention both compress values with V-SVD; the objects keep the method's name.
-            values.push_back(projection(method, shape.head_dim, l, h, "value"));
+            // K-SVD and Eigen Attention both compress values with V-SVD (see solvers/fit.hpp).
+            values.push_back(projection(value_method(method), shape.head_dim, l, h, "value"));
           }
         }
         for (const std::string& name : file.names()) {

@@ -13,7 +13,7 @@
 //
 //   kqsvd::io::SafetensorsFile cache("kv.safetensors");
 //   // layers.0.k has shape [batch, heads, T, d]; this is the T x d matrix of sequence 0, head 3.
-//   kqsvd::io::RowMajorMatrix<float> keys = cache.read_matrix<float>("layers.0.k", {0, 3});
+//   kqsvd::io::RowMatrix<float> keys = cache.read_matrix<float>("layers.0.k", {0, 3});
 //   std::string model = cache.metadata().at("model");
 //
 //   kqsvd::io::SafetensorsWriter out;
@@ -42,7 +42,7 @@
 #include <utility>
 #include <vector>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/atomic_file.hpp"
 #include "kqsvd/io/detail/file_contents.hpp"
 #include "kqsvd/io/detail/shape.hpp"
@@ -69,7 +69,9 @@ struct TensorInfo {
   std::uint64_t data_end = 0;
 };
 
-namespace detail {
+}  // namespace kqsvd::io
+
+namespace kqsvd::detail {
 
 // Dtypes the safetensors format defines but kqsvd does not read, to tell "unsupported" from "corrupt".
 inline bool is_other_safetensors_dtype(const std::string& name) {
@@ -88,7 +90,9 @@ inline bool is_valid_utf8(const std::string& text) {
   }
 }
 
-}  // namespace detail
+}  // namespace kqsvd::detail
+
+namespace kqsvd::io {
 
 class SafetensorsFile {
  public:
@@ -129,7 +133,7 @@ class SafetensorsFile {
   // fixed to `leading`: for "layers.0.k" of shape [batch, heads, T, d], read_matrix<float>("layers.0.k",
   // {b, h}) is the T x d keys of sequence b, head h. A rank-2 tensor takes no leading indices.
   template <class Scalar>
-  RowMajorMatrix<Scalar> read_matrix(const std::string& name, const std::vector<std::int64_t>& leading = {},
+  RowMatrix<Scalar> read_matrix(const std::string& name, const std::vector<std::int64_t>& leading = {},
                                      NonFinite policy = NonFinite::allow) const {
     static_assert(detail::is_io_scalar<Scalar>,
                   "kqsvd::io::SafetensorsFile::read_matrix converts to float or double");
@@ -161,7 +165,7 @@ class SafetensorsFile {
     const std::int64_t rows = tensor.shape[rank - 2];
     const std::int64_t cols = tensor.shape[rank - 1];
     const std::uint64_t first_element = first_matrix * static_cast<std::uint64_t>(rows * cols);
-    RowMajorMatrix<Scalar> matrix(rows, cols);
+    RowMatrix<Scalar> matrix(rows, cols);
     decode(tensor.dtype, buffer_ + tensor.data_begin + first_element * element_size(tensor.dtype),
            static_cast<std::size_t>(matrix.size()), matrix.data());
     if (policy == NonFinite::reject) {
@@ -440,7 +444,7 @@ class SafetensorsWriter {
            const Eigen::DenseBase<Derived>& values) {
     using Scalar = typename Derived::Scalar;
     static_assert(detail::is_io_scalar<Scalar>, "kqsvd::io::SafetensorsWriter::add takes float or double data");
-    const RowMajorMatrix<Scalar> row_major = values.derived();
+    const RowMatrix<Scalar> row_major = values.derived();
     add(name, storage, shape, row_major.data(), static_cast<std::size_t>(row_major.size()));
   }
 

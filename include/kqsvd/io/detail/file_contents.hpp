@@ -19,10 +19,10 @@
 #include <utility>
 #include <vector>
 
-#include "kqsvd/error.hpp"
+#include "kqsvd/core/error.hpp"
 #include "kqsvd/io/detail/posix_error.hpp"
 
-namespace kqsvd::io::detail {
+namespace kqsvd::detail {
 
 class FileContents {
  public:
@@ -113,4 +113,4 @@ class FileContents {
   std::vector<unsigned char> buffer_;
 };
 
-}  // namespace kqsvd::io::detail
+}  // namespace kqsvd::detail

@@ -4,9 +4,9 @@
 #include <string>
 #include <system_error>
 
-namespace kqsvd::io::detail {
+namespace kqsvd::detail {
 
 // std::strerror may return a shared buffer; the error category's message is safe to call from threads.
 inline std::string describe_errno(int error_number) { return std::generic_category().message(error_number); }
 
-}  // namespace kqsvd::io::detail
+}  // namespace kqsvd::detail

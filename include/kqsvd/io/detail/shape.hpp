@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-namespace kqsvd::io::detail {
+namespace kqsvd::detail {
 
 inline std::optional<std::uint64_t> checked_multiply(std::uint64_t a, std::uint64_t b) {
   if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return std::nullopt;
@@ -68,4 +68,4 @@ inline std::vector<std::int64_t> unravel_index(std::uint64_t flat, const std::ve
   return index;
 }
 
-}  // namespace kqsvd::io::detail
+}  // namespace kqsvd::detail

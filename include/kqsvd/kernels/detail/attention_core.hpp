@@ -1,0 +1,580 @@
+// kqsvd/kernels/detail/attention_core.hpp -- the single-pass attention core every kernel of the library
+// runs: scores, an online softmax and the weighted value sum, fused per tile of cached rows.
+//
+// softmax(s) V over cache rows is computed tile by tile without ever holding all scores: a running
+// maximum m, a running sum l = sum exp(s - m) and a running weighted sum acc = sum exp(s - m) v. When a
+// tile raises the maximum, l and acc are rescaled by exp(m_old - m_new). Partial states of disjoint row
+// ranges combine exactly like tiles, which is how long caches are split across threads and how a layered
+// cache (latents, plus exact recent rows) combines its layers.
+//
+// Sources of rows:
+//   RowKeys / RowValues     rows in the caller's memory: row-major float, half or bfloat16 (full caches
+//                           given as Eigen matrices); tiles of 64 rows;
+//   BlockedKeys / BlockedValues   a HeadCache side: blocks of 128 tokens, dimension-major, in any
+//                           StorageFormat; a tile is a block;
+//   PreRopeKeys             a HeadCache of pre-RoPE key latents: each tile reconstructed as (k A) B^T and
+//                           rotated by its positions.
+// Two strategies, chosen by the caller:
+//   decode  few queries (a KV group's query heads at one position) sharing one row range: blocked keys
+//           are scored one element's run at a time, converted into a 512-byte buffer and added to all
+//           the block's scores with vertical multiply-adds, so that no tile is ever expanded to float;
+//   tiles   many queries (prefill), each with its own row range: a tile is expanded to float once and
+//           used by a 64-query block as matrix products.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "kqsvd/cache/head_cache.hpp"
+#include "kqsvd/cache/storage_format.hpp"
+#include "kqsvd/core/detail/float_conversion.hpp"
+#include "kqsvd/core/detail/validation.hpp"
+#include "kqsvd/core/matrix.hpp"
+#include "kqsvd/core/rope.hpp"
+
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+namespace kqsvd::detail {
+
+using Index = Eigen::Index;
+using StridedFloatRows = Eigen::Map<const RowMatrix<float>, 0, Eigen::OuterStride<>>;
+using StridedFloatColumns = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;
+
+// Rows per tile of rows in the caller's memory; a HeadCache tile is one of its blocks.
+inline constexpr Index row_tile_rows = 64;
+inline constexpr Index block_rows = cache_block_tokens;
+// Queries per tile-strategy task: a 64 x 128 score tile is 32 KiB, and a block long enough that each
+// expanded tile is reused 64 times.
+inline constexpr Index query_block_rows = 64;
+// Rows per parallel decode task: boundaries depend on the row positions only; the partial states are
+// merged in task order, so results are bit-identical for any number of threads.
+inline constexpr Index decode_task_rows = 2048;
+static_assert(decode_task_rows % row_tile_rows == 0 && decode_task_rows % block_rows == 0,
+              "decode tasks start on tile boundaries");
+
+// Half-precision rows in the caller's memory are converted to float for decode a few at a time, at most
+// this many bytes of float per buffer: keys and values buffers together stay well inside a 32 KiB L1
+// data cache (whole tiles evicted each other; bench/README.md has the measurements).
+inline constexpr Index conversion_buffer_bytes = 8192;
+
+inline Index conversion_rows(Index width) {
+  return std::max<Index>(1, conversion_buffer_bytes / (width * static_cast<Index>(sizeof(float))));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Softmax states
+
+// The running state of m queries over some rows: per query the maximum score, the sum of exp(s - max)
+// and the sum of exp(s - max) v (m x value width). A query that saw no row has max -inf and sum 0.
+struct SoftmaxStates {
+  Eigen::VectorXf max, sum;
+  RowMatrix<float> weighted;
+
+  SoftmaxStates() = default;
+  SoftmaxStates(Index queries, Index value_width)
+      : max(Eigen::VectorXf::Constant(queries, -std::numeric_limits<float>::infinity())),
+        sum(Eigen::VectorXf::Zero(queries)),
+        weighted(RowMatrix<float>::Zero(queries, value_width)) {}
+
+  Index queries() const { return max.size(); }
+
+  // Folds in the states of the same queries over other rows: the same arithmetic as one more tile.
+  void merge(const SoftmaxStates& other) {
+    for (Index q = 0; q < queries(); ++q) {
+      if (other.sum(q) == 0.0f) continue;
+      if (other.max(q) > max(q)) {
+        const float rescale = std::exp(max(q) - other.max(q));  // 0 when this query had nothing yet
+        weighted.row(q) *= rescale;
+        sum(q) *= rescale;
+        max(q) = other.max(q);
+      }
+      const float weight = std::exp(other.max(q) - max(q));
+      weighted.row(q) += weight * other.weighted.row(q);
+      sum(q) += weight * other.sum(q);
+    }
+  }
+};
+
+// Turns row q's `count` scores (entries outside [begin, end) of the tile already -inf) into weights and
+// folds the rescaling into the state; returns false when the whole tile is masked for this query.
+inline bool softmax_update(float* scores, Index count, SoftmaxStates& state, Index q) {
+  Eigen::Map<Eigen::ArrayXf> row(scores, count);
+  const float tile_max = row.maxCoeff();
+  if (tile_max == -std::numeric_limits<float>::infinity()) {
+    row.setZero();
+    return false;
+  }
+  if (tile_max > state.max(q)) {
+    const float rescale = std::exp(state.max(q) - tile_max);  // 0 on the first tile: exp(-inf)
+    state.weighted.row(q) *= rescale;
+    state.sum(q) *= rescale;
+    state.max(q) = tile_max;
+  }
+  row = (row - state.max(q)).exp();
+  state.sum(q) += row.sum();
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rows in the caller's memory
+
+// Cache rows as stored: row-major, `stride` elements from one row to the next (>= width).
+template <typename Storage>
+struct CacheRows {
+  const Storage* data = nullptr;
+  Index rows = 0;
+  Index width = 0;
+  Index stride = 0;
+
+  const Storage* row(Index i) const { return data + i * stride; }
+};
+
+// Cache rows given as an Eigen expression must be row-major memory with contiguous rows.
+template <typename Derived>
+void require_cache_layout(const char* function, const char* argument, const Eigen::MatrixBase<Derived>& rows) {
+  static_assert(is_cache_storage_v<typename Derived::Scalar>, "cache rows are float, Eigen::half or Eigen::bfloat16");
+  static_assert(static_cast<bool>(Derived::Flags & Eigen::DirectAccessBit),
+                "cache rows must be memory (a Matrix, a Map or a block of one), not an expression");
+  static_assert(static_cast<bool>(Derived::Flags & Eigen::RowMajorBit) || Derived::ColsAtCompileTime == 1,
+                "cache rows must be row-major: one token per row, contiguous");
+  if (rows.cols() > 1 && rows.derived().innerStride() != 1) {
+    throw_invalid(function, argument, "must have contiguous rows (inner stride 1)");
+  }
+}
+
+template <typename Derived>
+CacheRows<typename Derived::Scalar> cache_rows(const Eigen::MatrixBase<Derived>& m) {
+  return {m.derived().data(), m.rows(), m.cols(), m.rows() > 1 ? m.derived().outerStride() : m.cols()};
+}
+
+// `count` rows starting at `first` as float, converted into `buffer` (count x width) unless the storage
+// already is float.
+template <typename Storage>
+StridedFloatRows float_rows(const CacheRows<Storage>& rows, Index first, Index count, float* buffer) {
+  if constexpr (std::is_same<Storage, float>::value) {
+    return StridedFloatRows(rows.row(first), count, rows.width, Eigen::OuterStride<>(rows.stride));
+  } else {
+    if (rows.stride == rows.width) {
+      to_float(rows.row(first), buffer, count * rows.width);
+    } else {
+      for (Index i = 0; i < count; ++i) to_float(rows.row(first + i), buffer + i * rows.width, rows.width);
+    }
+    return StridedFloatRows(buffer, count, rows.width, Eigen::OuterStride<>(rows.width));
+  }
+}
+
+// acc += sum_i weights(i) * rows.row(i). For narrow rows a single accumulator would chain every
+// multiply-add on the previous one (one FMA latency per token); independent chains, summed in a fixed
+// order at the end, keep the FMA units busy.
+template <int Width>
+void add_weighted_rows(const StridedFloatRows& rows, const float* weights, float* acc) {
+  using Row = Eigen::Matrix<float, Width, 1>;
+  constexpr int chains = Width >= 64 ? 1 : 64 / Width;
+  std::array<Row, chains> partial;
+  for (Row& p : partial) p.setZero();
+  const Index count = rows.rows();
+  const Index stride = rows.outerStride();
+  Index i = 0;
+  for (; i + chains <= count; i += chains) {
+    for (int c = 0; c < chains; ++c) {
+      partial[static_cast<std::size_t>(c)].noalias() += weights[i + c] * Eigen::Map<const Row>(rows.data() + (i + c) * stride);
+    }
+  }
+  for (; i < count; ++i) partial[0].noalias() += weights[i] * Eigen::Map<const Row>(rows.data() + i * stride);
+  for (int c = 1; c < chains; ++c) partial[0] += partial[static_cast<std::size_t>(c)];
+  Eigen::Map<Row>(acc) += partial[0];
+}
+
+inline void add_weighted_rows(const StridedFloatRows& rows, const float* weights, float* acc) {
+  switch (rows.cols()) {
+    case 16: add_weighted_rows<16>(rows, weights, acc); return;
+    case 32: add_weighted_rows<32>(rows, weights, acc); return;
+    default:
+      // Wider rows give Eigen's matrix-vector kernel several independent packets per token already.
+      Eigen::Map<Eigen::VectorXf>(acc, rows.cols()).noalias() +=
+          rows.transpose() * Eigen::Map<const Eigen::VectorXf>(weights, rows.rows());
+  }
+}
+
+template <typename Storage>
+struct RowKeys {
+  static constexpr Index tile_rows = row_tile_rows;
+  static constexpr bool decodes = true;  // has score() for the decode strategy
+  CacheRows<Storage> rows;
+
+  Index width() const { return rows.width; }
+  Index size() const { return rows.rows; }
+
+  // Tile strategy: rows [first, first + count) as a float matrix (count x width).
+  StridedFloatRows tile(Index first, Index count, float* buffer) const { return float_rows(rows, first, count, buffer); }
+  Index tile_buffer_floats() const { return tile_rows * width(); }
+
+  // Decode strategy: scores(q, i) = queries.row(q) . row(first + i), for count rows; `scores` has
+  // tile_rows columns per query.
+  void score(Index first, Index count, const RowMatrix<float>& queries, float* scores, float* buffer) const {
+    const Index m = queries.rows();
+    // Each score is its own row's dot product, so half-precision rows can be converted and scored a few
+    // at a time from an L1-sized buffer.
+    const Index step = std::is_same<Storage, float>::value ? count : conversion_rows(width());
+    for (Index i = 0; i < count; i += step) {
+      const Index n = std::min(step, count - i);
+      const StridedFloatRows block = float_rows(rows, first + i, n, buffer);
+      if (m == 1) {
+        Eigen::Map<Eigen::VectorXf>(scores + i, n).noalias() = block * queries.row(0).transpose();
+      } else {
+        Eigen::Map<RowMatrix<float>, 0, Eigen::OuterStride<>>(scores + i, m, n, Eigen::OuterStride<>(tile_rows))
+            .noalias() = queries * block.transpose();
+      }
+    }
+  }
+  Index decode_buffer_floats() const { return conversion_rows(width()) * width(); }
+};
+
+template <typename Storage>
+struct RowValues {
+  static constexpr Index tile_rows = row_tile_rows;
+  CacheRows<Storage> rows;
+
+  Index width() const { return rows.width; }
+
+  StridedFloatRows tile(Index first, Index count, float* buffer) const { return float_rows(rows, first, count, buffer); }
+  Index tile_buffer_floats() const { return tile_rows * width(); }
+
+  // Decode strategy: acc.row(q) += sum_i weights(q, i) row(first + i).
+  void accumulate(Index first, Index count, const float* weights, RowMatrix<float>& acc, float* buffer) const {
+    const Index step = std::is_same<Storage, float>::value ? count : conversion_rows(width());
+    for (Index i = 0; i < count; i += step) {
+      const Index n = std::min(step, count - i);
+      const StridedFloatRows block = float_rows(rows, first + i, n, buffer);
+      for (Index q = 0; q < acc.rows(); ++q) add_weighted_rows(block, weights + q * tile_rows + i, &acc(q, 0));
+    }
+  }
+  Index decode_buffer_floats() const { return conversion_rows(width()) * width(); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// HeadCache sides
+
+using Lane = Eigen::Array<float, block_rows, 1>;
+using LaneMap = Eigen::Map<Lane>;
+using ConstLaneMap = Eigen::Map<const Lane>;
+
+// block_rows float16 values at `bytes` to float. The run's length is a multiple of 8, so with F16C there
+// is no scalar tail (GCC 12 also warns, wrongly, about the general routine's tail loop once inlined here).
+inline void half_lane_to_float(const std::uint8_t* bytes, float* out) {
+#ifdef __F16C__
+  for (Index i = 0; i < block_rows; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 2 * i))));
+  }
+#else
+  half_bytes_to_float(bytes, out, block_rows);
+#endif
+}
+
+// One element's run of a block (block_rows tokens) as float codes: the values themselves for the float
+// formats, the integer codes for the others (the group's scale and offset are applied by the caller).
+// Returns the run itself for f32, else `buffer`.
+template <StorageKind Kind>
+const float* run_codes(const std::uint8_t* run, float* buffer) {
+  constexpr Index n = block_rows;
+  if constexpr (Kind == StorageKind::f32) {
+    // The side's storage is an array of float (see HeadCache), so this is a float object.
+    return reinterpret_cast<const float*>(run);
+  } else if constexpr (Kind == StorageKind::f16) {
+    half_lane_to_float(run, buffer);
+  } else if constexpr (Kind == StorageKind::bf16) {
+    for (Index i = 0; i < n; ++i) {
+      std::uint16_t bits = 0;
+      std::memcpy(&bits, run + 2 * i, 2);
+      buffer[i] = bfloat16_bits_to_float(bits);
+    }
+  } else if constexpr (Kind == StorageKind::fp8_e4m3 || Kind == StorageKind::fp8_e5m2) {
+    // Both are the top of a float16 pattern: E5M2 exactly (same exponent bias), E4M3 once its exponent
+    // and mantissa are shifted down one bit and the result scaled by 2^8 (biases 7 and 15); the F16C
+    // conversion then handles subnormals at full speed.
+    alignas(64) std::uint16_t bits[n];
+    for (Index i = 0; i < n; ++i) {
+      const std::uint16_t code = run[i];
+      bits[i] = Kind == StorageKind::fp8_e5m2 ? static_cast<std::uint16_t>(code << 8)
+                                              : static_cast<std::uint16_t>(((code & 0x80u) << 8) | ((code & 0x7fu) << 7));
+    }
+    half_lane_to_float(reinterpret_cast<const std::uint8_t*>(bits), buffer);
+    if constexpr (Kind == StorageKind::fp8_e4m3) LaneMap(buffer) *= 256.0f;
+  } else if constexpr (Kind == StorageKind::int8 || Kind == StorageKind::q8_0) {
+    for (Index i = 0; i < n; ++i) buffer[i] = static_cast<float>(static_cast<std::int8_t>(run[i]));
+  } else if constexpr (Kind == StorageKind::q4_0 || Kind == StorageKind::int4) {
+    for (Index i = 0; i < n / 2; ++i) {
+      buffer[i] = static_cast<float>(run[i] & 0x0f);
+      buffer[i + n / 2] = static_cast<float>(run[i] >> 4);
+    }
+  } else {
+    static_assert(Kind == StorageKind::int2, "every storage kind has its conversion");
+    for (Index i = 0; i < n / 4; ++i) {
+      for (int p = 0; p < 4; ++p) buffer[i + p * n / 4] = static_cast<float>((run[i] >> (2 * p)) & 0x03);
+    }
+  }
+  return buffer;
+}
+
+inline constexpr bool offset_kind(StorageKind kind) {
+  return kind == StorageKind::q4_0 || kind == StorageKind::int4 || kind == StorageKind::int2;
+}
+
+inline constexpr bool scaled_kind(StorageKind kind) {
+  return kind == StorageKind::int8 || kind == StorageKind::q8_0 || kind == StorageKind::q4_0 ||
+         kind == StorageKind::int4 || kind == StorageKind::int2;
+}
+
+// The float scale and offset of group g of a block, per token: an element is scale * code + offset
+// (formats without an offset leave `offset` alone).
+template <StorageKind Kind>
+void group_scale(const std::uint8_t* block, const BlockLayout& layout, Index g, float* scale, float* offset) {
+  half_lane_to_float(block + layout.scale_offset(g), scale);
+  if constexpr (Kind == StorageKind::int4 || Kind == StorageKind::int2) {
+    half_lane_to_float(block + layout.minimum_offset(g), offset);
+  } else if constexpr (Kind == StorageKind::q4_0) {
+    LaneMap{offset} = ConstLaneMap(scale) * -8.0f;
+  }
+}
+
+// Scratch of one thread for blocked sides: a run's floats, the raw scores of one group, a group's scales
+// and offsets, and per-query scaled weights.
+struct BlockScratch {
+  alignas(64) float run[block_rows];
+  alignas(64) float scale[block_rows];
+  alignas(64) float offset[block_rows];
+  std::vector<Lane, Eigen::aligned_allocator<Lane>> raw;  // per query
+};
+
+// Block b of a side as float values, column-major (block_rows x width) into `buffer`.
+template <StorageKind Kind>
+void expand_block(const BlockedSide& side, Index b, float* buffer) {
+  const std::uint8_t* block = side.block(b);
+  const BlockLayout& layout = side.layout;
+  alignas(64) float scale[block_rows], offset[block_rows];
+  for (Index g = 0; g < layout.groups(); ++g) {
+    if constexpr (scaled_kind(Kind)) group_scale<Kind>(block, layout, g, scale, offset);
+    for (Index j = g * layout.group; j < (g + 1) * layout.group; ++j) {
+      float* column = buffer + j * block_rows;
+      const float* codes = run_codes<Kind>(block + layout.run_offset(j), column);
+      if constexpr (offset_kind(Kind)) {
+        LaneMap{column} = ConstLaneMap(scale) * ConstLaneMap(codes) + ConstLaneMap(offset);
+      } else if constexpr (scaled_kind(Kind)) {
+        LaneMap{column} = ConstLaneMap(scale) * ConstLaneMap(codes);
+      } else if (codes != column) {
+        std::memcpy(column, codes, sizeof(float) * block_rows);
+      }
+    }
+  }
+}
+
+template <StorageKind Kind>
+struct BlockedKeys {
+  static constexpr Index tile_rows = block_rows;
+  static constexpr bool decodes = true;
+  BlockedSide side;
+
+  Index width() const { return side.layout.width; }
+  Index size() const { return side.rows; }
+
+  // Decode strategy: scores of `queries` (m x width) against block first / block_rows, all of its
+  // block_rows lanes (the caller masks the rows it does not use).
+  void score(Index first, Index /*count*/, const RowMatrix<float>& queries, float* scores, BlockScratch& scratch) const {
+    const std::uint8_t* block = side.block(first / block_rows);
+    const BlockLayout& layout = side.layout;
+    const Index m = queries.rows();
+    for (Index q = 0; q < m; ++q) LaneMap(scores + q * block_rows).setZero();
+    if constexpr (!scaled_kind(Kind)) {
+      for (Index j = 0; j < layout.width; ++j) {
+        const ConstLaneMap run(run_codes<Kind>(block + layout.run_offset(j), scratch.run));
+        for (Index q = 0; q < m; ++q) LaneMap(scores + q * block_rows) += queries(q, j) * run;
+      }
+    } else {
+      scratch.raw.resize(static_cast<std::size_t>(m));
+      for (Index g = 0; g < layout.groups(); ++g) {
+        for (Index q = 0; q < m; ++q) scratch.raw[static_cast<std::size_t>(q)].setZero();
+        for (Index j = g * layout.group; j < (g + 1) * layout.group; ++j) {
+          const ConstLaneMap run(run_codes<Kind>(block + layout.run_offset(j), scratch.run));
+          for (Index q = 0; q < m; ++q) scratch.raw[static_cast<std::size_t>(q)] += queries(q, j) * run;
+        }
+        group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
+        for (Index q = 0; q < m; ++q) {
+          LaneMap(scores + q * block_rows) += ConstLaneMap(scratch.scale) * scratch.raw[static_cast<std::size_t>(q)];
+          if constexpr (offset_kind(Kind)) {
+            const float query_sum = queries.row(q).segment(g * layout.group, layout.group).sum();
+            LaneMap(scores + q * block_rows) += ConstLaneMap(scratch.offset) * query_sum;
+          }
+        }
+      }
+    }
+  }
+
+  // Tile strategy: the block expanded to float, column-major (block_rows x width).
+  StridedFloatColumns tile(Index first, Index count, float* buffer) const {
+    expand_block<Kind>(side, first / block_rows, buffer);
+    return StridedFloatColumns(buffer, count, width(), Eigen::OuterStride<>(block_rows));
+  }
+  Index tile_buffer_floats() const { return block_rows * width(); }
+};
+
+template <StorageKind Kind>
+struct BlockedValues {
+  static constexpr Index tile_rows = block_rows;
+  BlockedSide side;
+
+  Index width() const { return side.layout.width; }
+
+  // Decode strategy: acc.row(q) += sum_i weights(q, i) row(i) over the block's lanes (weights of rows
+  // the caller does not use are 0).
+  void accumulate(Index first, Index /*count*/, const float* weights, RowMatrix<float>& acc, BlockScratch& scratch) const {
+    const std::uint8_t* block = side.block(first / block_rows);
+    const BlockLayout& layout = side.layout;
+    const Index m = acc.rows();
+    if constexpr (!scaled_kind(Kind)) {
+      for (Index j = 0; j < layout.width; ++j) {
+        const ConstLaneMap run(run_codes<Kind>(block + layout.run_offset(j), scratch.run));
+        for (Index q = 0; q < m; ++q) acc(q, j) += (ConstLaneMap(weights + q * block_rows) * run).sum();
+      }
+    } else {
+      scratch.raw.resize(static_cast<std::size_t>(m));
+      for (Index g = 0; g < layout.groups(); ++g) {
+        group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
+        for (Index q = 0; q < m; ++q) {
+          const ConstLaneMap w(weights + q * block_rows);
+          scratch.raw[static_cast<std::size_t>(q)] = w * ConstLaneMap(scratch.scale);
+          if constexpr (offset_kind(Kind)) {
+            acc.row(q).segment(g * layout.group, layout.group).array() += (w * ConstLaneMap(scratch.offset)).sum();
+          }
+        }
+        for (Index j = g * layout.group; j < (g + 1) * layout.group; ++j) {
+          const ConstLaneMap run(run_codes<Kind>(block + layout.run_offset(j), scratch.run));
+          for (Index q = 0; q < m; ++q) acc(q, j) += (scratch.raw[static_cast<std::size_t>(q)] * run).sum();
+        }
+      }
+    }
+  }
+
+  StridedFloatColumns tile(Index first, Index count, float* buffer) const {
+    expand_block<Kind>(side, first / block_rows, buffer);
+    return StridedFloatColumns(buffer, count, width(), Eigen::OuterStride<>(block_rows));
+  }
+  Index tile_buffer_floats() const { return block_rows * width(); }
+};
+
+// Pre-RoPE key latents: tile = rotate((k A) B^T) by position, as float rows (block_rows x d).
+template <StorageKind Kind>
+struct PreRopeKeys {
+  static constexpr Index tile_rows = block_rows;
+  static constexpr bool decodes = false;  // tiles only: a reconstructed tile serves every query at once
+  BlockedSide side;
+  const Eigen::MatrixXf* decoder = nullptr;  // B, d x r
+  const RotaryEmbedding* rope = nullptr;
+  Index first_position = 0;                  // position of row 0
+
+  Index width() const { return decoder->rows(); }
+  Index size() const { return side.rows; }
+
+  Eigen::Map<const RowMatrix<float>> tile(Index first, Index count, float* buffer) const {
+    const Index r = side.layout.width, d = width();
+    float* latents = buffer + block_rows * d;  // block_rows x r, column-major
+    expand_block<Kind>(side, first / block_rows, latents);
+    Eigen::Map<RowMatrix<float>> keys(buffer, count, d);
+    keys.noalias() = StridedFloatColumns(latents, count, r, Eigen::OuterStride<>(block_rows)) * decoder->transpose();
+    rope->rotate(keys, first_position + first);
+    return Eigen::Map<const RowMatrix<float>>(buffer, count, d);
+  }
+  Index tile_buffer_floats() const { return block_rows * (width() + side.layout.width); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// The two strategies
+
+// Which rows each query sees: [begin(q), end(q)) of the source.
+struct RowRanges {
+  Eigen::Matrix<Index, Eigen::Dynamic, 1> begin, end;
+  Index queries() const { return begin.size(); }
+  bool uniform() const {
+    return queries() == 0 || ((begin.array() == begin(0)).all() && (end.array() == end(0)).all());
+  }
+};
+
+// Scratch of one thread of the decode strategy.
+struct DecodeScratch {
+  RowMatrix<float> scores;  // queries x tile_rows
+  std::vector<float> keys, values;
+  BlockScratch block;
+};
+
+template <typename Keys, typename Values>
+void attend_decode(const Keys& keys, const Values& values, const RowMatrix<float>& queries, Index begin, Index end,
+                 DecodeScratch& scratch, SoftmaxStates& state) {
+  constexpr Index tile = Keys::tile_rows;
+  static_assert(Keys::tile_rows == Values::tile_rows, "keys and values are read in the same tiles");
+  const Index m = queries.rows();
+  for (Index first = begin / tile * tile; first < end; first += tile) {
+    const Index count = std::min(tile, keys.size() - first);
+    float* scores = scratch.scores.data();
+    if constexpr (Keys::tile_rows == block_rows) {
+      keys.score(first, count, queries, scores, scratch.block);
+    } else {
+      keys.score(first, count, queries, scores, scratch.keys.data());
+    }
+    // Rows of the tile outside [begin, end) (and a block's unused lanes) take no part.
+    const Index low = std::max<Index>(0, begin - first), high = std::min(tile, end - first);
+    for (Index q = 0; q < m; ++q) {
+      float* row = scores + q * tile;
+      std::fill(row, row + low, -std::numeric_limits<float>::infinity());
+      std::fill(row + high, row + tile, -std::numeric_limits<float>::infinity());
+      softmax_update(row, tile, state, q);
+    }
+    if constexpr (Values::tile_rows == block_rows) {
+      values.accumulate(first, count, scores, state.weighted, scratch.block);
+    } else {
+      values.accumulate(first, high, scores, state.weighted, scratch.values.data());
+    }
+  }
+}
+
+// Scratch of one thread of the tile strategy.
+struct TileScratch {
+  std::vector<float> keys, values;
+  RowMatrix<float> scores;
+};
+
+// States of a block of queries (rows of `queries`, already mapped and scaled) over their ranges.
+template <typename Keys, typename Values, typename DerivedQ>
+void attend_tiles(const Keys& keys, const Values& values, const Eigen::MatrixBase<DerivedQ>& queries, const RowRanges& ranges,
+               Index first_query, TileScratch& scratch, SoftmaxStates& state) {
+  constexpr Index tile = Keys::tile_rows;
+  static_assert(Keys::tile_rows == Values::tile_rows, "keys and values are read in the same tiles");
+  const Index m = queries.rows();
+  const auto begins = ranges.begin.segment(first_query, m);
+  const auto ends = ranges.end.segment(first_query, m);
+  const Index low = begins.minCoeff(), high = ends.maxCoeff();
+  for (Index first = low / tile * tile; first < high; first += tile) {
+    const Index count = std::min(tile, high - first);
+    auto scores = scratch.scores.topLeftCorner(m, count);
+    scores.noalias() = queries * keys.tile(first, count, scratch.keys.data()).transpose();
+    for (Index q = 0; q < m; ++q) {
+      const Index seen_low = std::clamp<Index>(begins(q) - first, 0, count);
+      const Index seen_high = std::clamp<Index>(ends(q) - first, seen_low, count);
+      auto row = scores.row(q);
+      row.head(seen_low).setConstant(-std::numeric_limits<float>::infinity());
+      row.tail(count - seen_high).setConstant(-std::numeric_limits<float>::infinity());
+      softmax_update(row.data(), count, state, q);
+    }
+    state.weighted.noalias() += scores * values.tile(first, count, scratch.values.data());
+  }
+}
+
+}  // namespace kqsvd::detail

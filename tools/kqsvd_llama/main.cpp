@@ -1,0 +1,35 @@
+// kqsvd-llama -- the llama2.c reference model end to end: what KV-cache compression costs a real model,
+// generation with a compressed cache, and activation capture for the kqsvd tool.
+//
+//   kqsvd-llama quality --model data/models/tinyllama-h64/model.bin --tokenizer data/models/tinyllama-h64/tok512.bin
+//       --text data/text/tinystories/tinystories_sample.txt --calib-stories 0:200 --eval-stories 2100:2120
+//   kqsvd-llama generate --model ... --tokenizer ... --prompt "Once upon a time" --method kqsvd --rank 16 --text ...
+//   kqsvd-llama capture --model ... --tokenizer ... --text ... --stories 0:8 --out calib.safetensors
+//
+// Exit codes: 0 success, 1 unusable data or files, 2 bad command line; errors are one line on stderr.
+#include "commands.hpp"
+#include "tool_main.hpp"
+
+namespace {
+
+constexpr const char* usage = R"(usage: kqsvd-llama <command> [options]    (kqsvd-llama <command> --help for its options)
+
+The llama2.c reference model (the library's kernels doing its attention) end to end.
+
+commands:
+  quality    what compressing the KV cache costs the model: NLL, KL, top-1 agreement, bytes and decode
+             speed, for every method, ratio, RoPE mode, rank allocation and recent window
+  generate   greedy generation with the full cache or a compressed one
+  capture    save attention activations of text for the kqsvd tool (docs/activations.md)
+
+  --version  print the version
+)";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace kqsvd::cli;
+  return run_tool("kqsvd-llama", usage,
+                  {{"quality", quality_command}, {"generate", generate_command}, {"capture", capture_command}}, argc,
+                  argv);
+}

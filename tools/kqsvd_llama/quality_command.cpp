@@ -1,0 +1,429 @@
+// kqsvd-llama quality: what KV-cache compression costs a real model -- next-token loss, perplexity,
+// agreement with the uncompressed model and KL divergence -- per method, compression ratio, RoPE mode,
+// rank allocation and recent window; with the cache's measured bytes and decode speed.
+#include <kqsvd/kqsvd.hpp>
+#include <kqsvd/llama/likelihood.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <kqsvd/io/atomic_file.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "arguments.hpp"
+#include "commands.hpp"
+#include "errors.hpp"
+#include "model_data.hpp"
+#include "parallel.hpp"
+#include "quality.hpp"
+#include "svg_plot.hpp"
+
+namespace kqsvd::cli {
+
+namespace {
+
+constexpr const char* usage = R"(usage: kqsvd-llama quality --model M.bin --tokenizer tok.bin --text stories.txt
+           --calib-stories A:B --eval-stories C:D [--max-tokens T] [--ratios 0.25,0.5,0.75]
+           [--window W] [--format f32] [--methods kqsvd,ksvd,eigen] [--rope post,pre]
+           [--allocations uniform,eps] [--decode-tokens N] [--json OUT.json] [--plot OUT.svg]
+
+What compressing the KV cache costs the model on held-out text. Projections are calibrated on the
+--calib-stories (one prefill per story, exact cache; rotated queries and keys for post-RoPE, un-rotated
+for pre-RoPE) and fitted at full rank once per method and RoPE mode; each compression ratio then
+truncates them, per --allocations:
+  uniform  every key and value projection at rank round(ratio * head_dim);
+  eps      per-head ranks from one error budget epsilon (each projection's predicted relative error
+           <= epsilon), epsilon bisected so that the ratio matches the target.
+Each --eval-stories story runs as one prefill block through the compressed cache (the per-query window
+makes that identical to token-by-token decoding) and through the exact cache. Per predicted token: NLL
+of the true next token; top-1 agreement with the full-cache model; KL(full || compressed). Decode speed:
+the first evaluation story decoded token by token with the cache (--decode-tokens of it), the library's
+kernels doing the attention; run with OMP_NUM_THREADS=1 for stable numbers.
+
+  --model, --tokenizer   a llama2.c checkpoint and its tokenizer
+  --text                 stories separated by <|endoftext|>
+  --calib-stories A:B    stories [A, B) calibrate the projections
+  --eval-stories C:D     stories [C, D) are evaluated (keep them disjoint from the calibration)
+  --max-tokens T         tokens per story, BOS included (default: the model's seq_len)
+  --ratios R,...         target ratios in (0, 1]: latent elements / full-cache elements, window excluded
+  --window W             also evaluate with the most recent W tokens exact (default 32; 0: only W = 0)
+  --format F             how latents are stored (default f32; f16, bf16, fp8_e4m3, int8, q8_0, ...)
+  --decode-tokens N      tokens decoded one by one to time each cache (default 64; 0: no timing)
+  --json OUT.json        every row, with the command line, as JSON
+  --plot OUT.svg         NLL and KL against the compression ratio
+
+Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
+)";
+
+std::string fixed(double value, int digits) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(digits) << value;
+  return out.str();
+}
+
+std::string rank_label(const QualityRow& row) {
+  if (row.allocation == "uniform") return "r=" + std::to_string(row.rank);
+  if (row.allocation == "eps") {
+    std::ostringstream out;
+    out << "eps=" << std::setprecision(3) << row.epsilon;
+    return out.str();
+  }
+  return "-";
+}
+
+void print_table(std::ostream& out, const std::vector<QualityRow>& rows, const QualityRow& full) {
+  const std::vector<std::pair<std::string, int>> columns = {
+      {"rope", 5}, {"method", 7},  {"ranks", 12}, {"W", 4},    {"target", 7}, {"ratio", 7},       {"NLL", 7},
+      {"PPL", 7},  {"dNLL", 8},    {"+-se", 6},   {"top1%", 7}, {"KL", 8},    {"B/tok/L", 8}, {"tok/s", 8}};
+  for (const auto& [name, width] : columns) out << std::setw(width) << name << ' ';
+  out << '\n';
+  const auto print = [&](const QualityRow& row) {
+    const NextTokenComparison& m = row.comparison;
+    const std::vector<std::string> cells = {row.rope,
+                                            row.method,
+                                            rank_label(row),
+                                            std::to_string(row.window),
+                                            fixed(row.target, 2),
+                                            fixed(row.ratio, 3),
+                                            fixed(m.mean_nll(), 4),
+                                            fixed(m.perplexity(), 3),
+                                            fixed(m.nll_difference(), 4),
+                                            fixed(std::isnan(m.nll_difference_standard_error()) ? 0.0 : m.nll_difference_standard_error(), 4),
+                                            fixed(100.0 * m.top1_agreement(), 1),
+                                            fixed(m.mean_kl(), 4),
+                                            fixed(row.bytes_per_token_layer, 1),
+                                            row.tokens_per_second > 0 ? fixed(row.tokens_per_second, 0) : "-"};
+    for (std::size_t c = 0; c < cells.size(); ++c) out << std::setw(columns[c].second) << cells[c] << ' ';
+    out << '\n';
+  };
+  print(full);
+  std::string section;
+  for (const QualityRow& row : rows) {
+    const std::string key = row.rope + row.allocation + std::to_string(row.window);
+    if (key != section) out << '\n';
+    section = key;
+    print(row);
+  }
+}
+
+nlohmann::ordered_json row_json(const QualityRow& row) {
+  const NextTokenComparison& m = row.comparison;
+  const auto number = [](double value) -> nlohmann::ordered_json {
+    if (!std::isfinite(value)) return nullptr;
+    return value;
+  };
+  return {{"rope", row.rope},
+          {"method", row.method},
+          {"ranks", row.allocation},
+          {"rank", row.rank},
+          {"epsilon", number(row.epsilon)},
+          {"window", row.window},
+          {"format", row.format},
+          {"target_ratio", number(row.target)},
+          {"ratio", number(row.ratio)},
+          {"bits_per_element", number(row.bits_per_element)},
+          {"nll", number(m.mean_nll())},
+          {"perplexity", number(m.perplexity())},
+          {"nll_difference", number(m.nll_difference())},
+          {"nll_difference_se", number(m.nll_difference_standard_error())},
+          {"top1_agreement", number(m.top1_agreement())},
+          {"kl", number(m.mean_kl())},
+          {"bytes_per_token_per_layer", number(row.bytes_per_token_layer)},
+          {"tokens_per_s", number(row.tokens_per_second)}};
+}
+
+// Two metrics against the compression ratio, one row of panels per window: mean NLL and mean KL
+// (log scale), each for every RoPE mode. One colour per method; solid lines and dots for uniform ranks,
+// dashed lines and squares for the other allocations; the full cache's NLL dotted.
+Plot quality_plot(const std::string& title, const std::vector<QualityRow>& rows, const QualityRow& full,
+                  const std::vector<RopeMode>& modes, const std::vector<Eigen::Index>& windows,
+                  const std::vector<Method>& methods, const std::vector<std::string>& allocations) {
+  Plot plot;
+  plot.title = title;
+  plot.x_label = "compression ratio (latent / full cache, window excluded)";
+  plot.subtitle = "lower is better; NLL in nats per token, KL(full || compressed) in nats on a log scale";
+  plot.columns = static_cast<int>(2 * modes.size());
+  for (const Eigen::Index window : windows) {
+    for (const bool kl : {false, true}) {
+      for (const RopeMode mode : modes) {
+        PlotPanel panel;
+        panel.title = std::string(kl ? "KL" : "NLL") + ", " + (mode == RopeMode::post_rope ? "post" : "pre") +
+                      "-RoPE, W = " + std::to_string(window);
+        panel.y_label = kl ? "KL (nats)" : "NLL (nats)";
+        panel.log_y = kl;
+        panel.y_from_zero = false;
+        if (!kl) {
+          panel.reference_y = full.comparison.mean_nll();
+          panel.reference_label = "full cache";
+        }
+        for (std::size_t m = 0; m < methods.size(); ++m) {
+          for (const std::string& allocation : allocations) {
+            PlotSeries series;
+            series.name = display_name(methods[m]) + (allocation == "uniform" ? "" : ", " + allocation);
+            series.colour = static_cast<int>(m);
+            series.dashed = allocation != "uniform";
+            series.marker = allocation == "uniform" ? Marker::circle : Marker::square;
+            std::vector<std::pair<double, double>> points;
+            for (const QualityRow& row : rows) {
+              if (row.rope == to_string(mode) && row.window == window && row.allocation == allocation &&
+                  row.method == to_string(methods[m])) {
+                points.emplace_back(row.ratio, kl ? row.comparison.mean_kl() : row.comparison.mean_nll());
+              }
+            }
+            std::sort(points.begin(), points.end());
+            for (const auto& [x, y] : points) {
+              series.x.push_back(x);
+              series.y.push_back(y);
+            }
+            if (!series.x.empty()) panel.series.push_back(std::move(series));
+          }
+        }
+        plot.panels.push_back(std::move(panel));
+      }
+    }
+  }
+  // Two panels per mode: NLL panels first, then KL, in each row.
+  return plot;
+}
+
+}  // namespace
+
+std::string display_name(Method method) {
+  switch (method) {
+    case Method::kq_svd: return "KQ-SVD";
+    case Method::k_svd: return "K-SVD";
+    case Method::eigen_attention: return "Eigen Attention";
+  }
+  return to_string(method);
+}
+
+QualityEvaluator::QualityEvaluator(const llama::Transformer& model, Sequences stories) : model_(&model), stories_(std::move(stories)) {
+  llama::FullKvCache cache(model.shape(), model.rotary_embedding());
+  for (const std::vector<int>& story : stories_) {
+    cache.reset();
+    reference_.push_back(model.forward(story, cache));
+  }
+}
+
+QualityRow QualityEvaluator::evaluate(const CacheConfiguration& configuration, const ModelProjections<float>* projections) const {
+  QualityRow row;
+  std::unique_ptr<llama::KvCache> cache = make_cache(*model_, configuration, projections);
+  double bytes = 0.0, token_layers = 0.0;
+  for (std::size_t s = 0; s < stories_.size(); ++s) {
+    const std::vector<int>& tokens = stories_[s];
+    cache->reset();
+    const RowMatrix<float> logits = model_->forward(tokens, *cache);
+    const auto predicted = static_cast<Eigen::Index>(tokens.size()) - 1;
+    row.comparison.add(reference_[s].topRows(predicted), logits.topRows(predicted),
+                       std::vector<int>(tokens.begin() + 1, tokens.end()));
+    bytes += static_cast<double>(cache->bytes());
+    token_layers += static_cast<double>(tokens.size()) * static_cast<double>(model_->shape().layers);
+  }
+  row.bytes_per_token_layer = bytes / token_layers;
+  return row;
+}
+
+double QualityEvaluator::decode_speed(const CacheConfiguration& configuration, const ModelProjections<float>* projections,
+                                      Eigen::Index tokens) const {
+  if (tokens <= 0 || stories_.empty()) return 0.0;
+  std::unique_ptr<llama::KvCache> cache = make_cache(*model_, configuration, projections);
+  const std::vector<int>& story = stories_.front();
+  const auto count = std::min<std::size_t>(static_cast<std::size_t>(tokens), story.size());
+  // Best of three runs: the machine's neighbours make single timings noisy.
+  double best = 0.0;
+  for (int run = 0; run < 3; ++run) {
+    cache->reset();
+    const auto start = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i < count; ++i) model_->forward({story[i]}, *cache);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, static_cast<double>(count) / seconds);
+  }
+  return best;
+}
+
+int quality_command(const std::vector<std::string>& words) {
+  const Arguments args(words, {{"--model", OptionKind::value},        {"--tokenizer", OptionKind::value},
+                               {"--text", OptionKind::value},         {"--calib-stories", OptionKind::value},
+                               {"--eval-stories", OptionKind::value}, {"--max-tokens", OptionKind::value},
+                               {"--ratios", OptionKind::value},       {"--window", OptionKind::value},
+                               {"--format", OptionKind::value},       {"--methods", OptionKind::value},
+                               {"--rope", OptionKind::value},         {"--allocations", OptionKind::value},
+                               {"--decode-tokens", OptionKind::value}, {"--json", OptionKind::value},
+                               {"--plot", OptionKind::value}});
+  if (args.help()) {
+    std::cout << usage;
+    return exit_success;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  const std::pair<long, long> calibration_range = required(args.range("--calib-stories"), "--calib-stories");
+  const std::pair<long, long> evaluation_range = required(args.range("--eval-stories"), "--eval-stories");
+  std::vector<double> ratios = {0.25, 0.5, 0.75};
+  if (!args.items("--ratios").empty()) {
+    ratios.clear();
+    for (const std::string& item : args.items("--ratios")) {
+      const auto ratio = Arguments({"--ratio", item}, {{"--ratio", OptionKind::value}}).number_above("--ratio", 0.0, 1.0);
+      ratios.push_back(*ratio);
+    }
+  }
+  const long window = args.integer("--window", 0, 1 << 20).value_or(32);
+  const StorageFormat format = parse_format_name(args.value("--format").value_or("f32"), "--format");
+  std::vector<Method> methods(all_methods.begin(), all_methods.end());
+  if (!args.items("--methods").empty()) {
+    methods.clear();
+    for (const std::string& item : args.items("--methods")) methods.push_back(parse_method_name(item, "--methods"));
+  }
+  std::vector<RopeMode> modes(all_rope_modes.begin(), all_rope_modes.end());
+  if (!args.items("--rope").empty()) {
+    modes.clear();
+    for (const std::string& item : args.items("--rope")) modes.push_back(parse_rope_name(item, "--rope"));
+  }
+  std::vector<std::string> allocations = {"uniform", "eps"};
+  if (!args.items("--allocations").empty()) {
+    allocations = args.items("--allocations");
+    for (const std::string& allocation : allocations) {
+      if (allocation != "uniform" && allocation != "eps") {
+        throw UsageError("--allocations must list uniform and/or eps, got '" + allocation + "'");
+      }
+    }
+  }
+  const long decode_tokens = args.integer("--decode-tokens", 0, 1 << 20).value_or(64);
+
+  const ModelData data = load_model_data(args, /*needs_text=*/true);
+  const ModelShape& shape = data.model.shape();
+  const auto max_tokens = static_cast<std::size_t>(
+      args.integer("--max-tokens", 2, 1 << 20).value_or(data.model.config().seq_len));
+  const Sequences calibration_stories = data.encode(calibration_range, max_tokens, "--calib-stories");
+  const Sequences evaluation_stories = data.encode(evaluation_range, max_tokens, "--eval-stories");
+  if (calibration_range.first < evaluation_range.second && evaluation_range.first < calibration_range.second) {
+    std::cerr << "kqsvd-llama: warning: calibration and evaluation stories overlap\n";
+  }
+  for (const Method method : methods) {
+    (void)method;
+    for (const double ratio : ratios) {
+      // Every latent width the sweep asks for must be storable in the format.
+      const Eigen::Index rank = uniform_rank_for_ratio(shape.head_dim, ratio);
+      if (rank % format.group_size(rank) != 0) {
+        throw UsageError("--format " + format.name() + " cannot hold latents of rank " + std::to_string(rank) +
+                         " (ratio " + fixed(ratio, 2) + " of head_dim " + std::to_string(shape.head_dim) + ")");
+      }
+    }
+  }
+
+  const Calibrations calibrations = calibrate(data.model, calibration_stories);
+  std::cerr << "calibrated on " << calibrations.post_rope.token_count() << " tokens (" << calibration_stories.size()
+            << " stories) in " << fixed(elapsed(), 1) << " s\n";
+  const QualityEvaluator evaluator(data.model, evaluation_stories);
+  QualityRow full = evaluator.evaluate(CacheConfiguration{}, nullptr);
+  full.method = "full";
+  full.rank = shape.head_dim;
+  full.bits_per_element = 32.0;
+  full.tokens_per_second = evaluator.decode_speed(CacheConfiguration{}, nullptr, decode_tokens);
+  std::cerr << "full cache: NLL " << fixed(full.comparison.mean_nll(), 4) << " over " << full.comparison.tokens()
+            << " predicted tokens\n";
+
+  // Every configuration: projections chosen sequentially (fits are cached), evaluated in parallel.
+  FullRankProjections fitted(data.model, calibrations);
+  std::vector<Eigen::Index> windows = {0};
+  if (window > 0) windows.push_back(window);
+  std::vector<QualityRow> rows;
+  std::vector<ModelProjections<float>> chosen;
+  std::vector<CacheConfiguration> configurations;
+  for (const RopeMode mode : modes) {
+    for (const Method method : methods) {
+      const ModelProjections<float>& full_rank = fitted.get(method, mode);
+      for (const double target : ratios) {
+        for (const std::string& allocation : allocations) {
+          QualityRow row;
+          row.rope = to_string(mode);
+          row.method = to_string(method);
+          row.allocation = allocation;
+          row.target = target;
+          row.format = format.name();
+          RankAllocation ranks = RankAllocation::uniform(shape, 1, 1);
+          if (allocation == "uniform") {
+            row.rank = uniform_rank_for_ratio(shape.head_dim, target);
+            ranks = RankAllocation::uniform(shape, row.rank, row.rank);
+          } else {
+            ErrorBudgetAllocation budget = error_budget_allocation(full_rank, target);
+            row.epsilon = budget.epsilon;
+            ranks = budget.ranks;
+          }
+          row.ratio = ranks.compression_ratio();
+          for (const Eigen::Index w : windows) {
+            row.window = w;
+            row.bits_per_element = latent_cache_footprint(ranks, format).bits_per_element();
+            rows.push_back(row);
+            chosen.push_back(full_rank.truncated(ranks));
+            configurations.push_back(CacheConfiguration{method, mode, w, format});
+          }
+        }
+      }
+    }
+  }
+  parallel_jobs(rows.size(), [&](std::size_t i) {
+    const QualityRow measured = evaluator.evaluate(configurations[i], &chosen[i]);
+    rows[i].comparison = measured.comparison;
+    rows[i].bytes_per_token_layer = measured.bytes_per_token_layer;
+  });
+  std::cerr << "evaluated " << rows.size() << " configurations in " << fixed(elapsed(), 0) << " s\n";
+  // Timings one at a time, so that they do not share the cores.
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    rows[i].tokens_per_second = evaluator.decode_speed(configurations[i], &chosen[i], decode_tokens);
+  }
+  std::stable_sort(rows.begin(), rows.end(), [](const QualityRow& a, const QualityRow& b) {
+    return std::tie(a.rope, a.allocation, a.window) < std::tie(b.rope, b.allocation, b.window);
+  });
+
+  std::cout << "model " << data.name() << " (" << to_string(shape) << ")\n"
+            << "calibration stories " << calibration_range.first << ":" << calibration_range.second << " ("
+            << calibrations.post_rope.token_count() << " tokens), evaluation stories " << evaluation_range.first << ":"
+            << evaluation_range.second << " (" << full.comparison.tokens() << " predicted tokens), max " << max_tokens
+            << " tokens per story, latents " << format.name() << "\n"
+            << "ratio = latent elements / full-cache elements, window excluded; dNLL = NLL - full-cache NLL, +-se its "
+               "paired standard error over tokens; top1% = agreement with the full cache; KL = mean KL(full || "
+               "compressed), nats; B/tok/L = measured cache bytes per token per layer (window included); tok/s = "
+               "token-by-token decoding of the first "
+            << std::min<std::size_t>(static_cast<std::size_t>(decode_tokens), evaluation_stories.front().size())
+            << " tokens of the first evaluation story, best of 3\n\n";
+  print_table(std::cout, rows, full);
+
+  if (const auto json_path = args.value("--json")) {
+    nlohmann::ordered_json report = nlohmann::ordered_json::object();
+    std::string command = "kqsvd-llama quality";
+    for (const std::string& word : words) command += " " + word;
+    report["command"] = command;
+    report["model"] = data.name();
+    report["head_dim"] = shape.head_dim;
+    report["layers"] = shape.layers;
+    report["kv_heads"] = shape.kv_heads;
+    report["format"] = format.name();
+    report["eval_predicted_tokens"] = full.comparison.tokens();
+    report["ratio_definition"] = "latent elements / full-cache elements, window excluded";
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    list.push_back(row_json(full));
+    for (const QualityRow& row : rows) list.push_back(row_json(row));
+    report["rows"] = std::move(list);
+    io::AtomicFileWriter file(*json_path, /*overwrite=*/true);
+    file.write(report.dump(2) + "\n");
+    file.commit();
+  }
+  if (const auto plot_path = args.value("--plot")) {
+    write_svg(*plot_path, render_svg(quality_plot(data.name() + ": quality vs KV-cache compression (" +
+                                                      std::to_string(full.comparison.tokens()) + " held-out tokens)",
+                                                  rows, full, modes, windows, methods, allocations)));
+  }
+  std::cerr << "total " << fixed(elapsed(), 1) << " s\n";
+  return exit_success;
+}
+
+}  // namespace kqsvd::cli
