@@ -23,7 +23,7 @@
 #include "file_test_support.hpp"
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_activations {
 
 using kqsvd::test::repository_data;
 
@@ -539,4 +539,4 @@ TEST(ShippedActivations, KqSvdHasTheSmallestHeldOutLogitError) {
   EXPECT_LT(score_error[kqsvd::Method::kq_svd], score_error[kqsvd::Method::eigen_attention]);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_activations

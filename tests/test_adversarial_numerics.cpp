@@ -27,7 +27,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_adversarial_numerics {
 
 using Eigen::Index;
 using Eigen::MatrixXd;
@@ -472,4 +472,4 @@ TEST(AdversarialNumerics, HundredMillionTokensAccumulateWithoutLoss) {
   std::printf("%lld tokens: worst relative Gram error %.3g, %.1f s\n", static_cast<long long>(tokens), worst, seconds);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_adversarial_numerics

@@ -20,7 +20,7 @@
 #include "file_test_support.hpp"
 #include "kqsvd/io/atomic_file.hpp"
 
-namespace {
+namespace kqsvd_test_atomic_file {
 
 namespace fs = std::filesystem;
 using kqsvd::io::AtomicFileWriter;
@@ -219,4 +219,4 @@ TEST(AtomicFileWriter, RelativePathInTheCurrentDirectory) {
   EXPECT_EQ(read_file(directory / "relative.bin"), "r");
 }
 
-}  // namespace
+}  // namespace kqsvd_test_atomic_file

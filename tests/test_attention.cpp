@@ -8,7 +8,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_attention {
 
 using kqsvd::Method;
 using kqsvd::RankSelection;
@@ -166,4 +166,4 @@ TEST(Attention, PreRopePathReconstructsRotatesAndScores) {
             1e-10);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_attention

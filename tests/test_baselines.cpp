@@ -6,7 +6,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_baselines {
 
 using kqsvd::Method;
 using kqsvd::RankSelection;
@@ -141,4 +141,4 @@ TEST(ValueProjection, BaselinesUseValueSvdAndAreLabelledSo) {
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_baselines

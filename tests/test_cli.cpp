@@ -23,7 +23,7 @@
 
 #include "file_test_support.hpp"
 
-namespace {
+namespace kqsvd_test_cli {
 
 namespace fs = std::filesystem;
 using Eigen::Index;
@@ -457,4 +457,4 @@ TEST_F(Cli, AFailedFitLeavesNoFileBehind) {
   EXPECT_EQ(names, std::vector<std::string>{"garbage.safetensors"});
 }
 
-}  // namespace
+}  // namespace kqsvd_test_cli

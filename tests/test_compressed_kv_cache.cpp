@@ -23,7 +23,7 @@
 #include <vector>
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_compressed_kv_cache {
 
 using kqsvd::test::repository_data;
 
@@ -541,4 +541,4 @@ TEST(CompressedKvCacheCalibration, UniformRanksAndErrorBudgetsReachTheTargetRati
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_compressed_kv_cache

@@ -7,7 +7,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_fidelity {
 
 using kqsvd::FidelityMetric;
 using kqsvd::Method;
@@ -156,4 +156,4 @@ TEST(Fidelity, RejectsInconsistentShapes) {
   EXPECT_THROW(kqsvd::measure_head_fidelity(kp, kp, x.k, x.v.topRows(9), x.queries, x.weight), kqsvd::InvalidArgument);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_fidelity

@@ -14,7 +14,7 @@
 
 #include "../fuzz/fuzz_entry_points.hpp"
 
-namespace {
+namespace kqsvd_test_fuzz_regressions {
 
 namespace fs = std::filesystem;
 using kqsvd::fuzz::Target;
@@ -79,4 +79,4 @@ TEST_P(FuzzReplay, EmptyAndOneByteInputsAreRejected) {
 INSTANTIATE_TEST_SUITE_P(AllReaders, FuzzReplay, testing::ValuesIn(kqsvd::fuzz::all_targets),
                          [](const testing::TestParamInfo<Target>& info) { return kqsvd::fuzz::name(info.param); });
 
-}  // namespace
+}  // namespace kqsvd_test_fuzz_regressions

@@ -7,7 +7,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_gram_accumulator {
 
 using kqsvd::GramAccumulator;
 using kqsvd::test::gaussian;
@@ -82,9 +82,7 @@ TEST(GramAccumulator, RejectsBadInputAndStaysUnchanged) {
   EXPECT_EQ(g.gram().norm(), 0.0);
 }
 
-}  // namespace
 
-namespace {
 
 using RowMajorFloat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
@@ -104,7 +102,6 @@ MatrixXd gram_of_blocks(const Rows& x, const std::vector<Index>& lengths) {
   return g.gram();
 }
 
-}  // namespace
 
 // The determinism guarantee across splits: chunk and task boundaries sit at absolute positions in the
 // stream, so any cut of the same token sequence into add() calls gives the same bytes. Dimensions with
@@ -197,3 +194,5 @@ TEST(GramAccumulator, GramMidStreamIsExactAndChangesNothing) {
   g.add(x.bottomRows(n - 2111));
   EXPECT_EQ(g.gram(), gram_of_blocks(x, {}));
 }
+
+}  // namespace kqsvd_test_gram_accumulator

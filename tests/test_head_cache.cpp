@@ -15,7 +15,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_head_cache {
 
 using Eigen::Index;
 using kqsvd::RowMatrix;
@@ -185,4 +185,4 @@ TEST(HeadCache, RejectsBadInputByNameAndStaysUnchanged) {
   EXPECT_THROW(kqsvd::compress_into(kp, (random_rows(300, 8, 14) * 1e6f).eval(), latents), kqsvd::NumericalError);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_head_cache

@@ -36,7 +36,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_hostile_inputs {
 
 using Eigen::Index;
 using Eigen::MatrixXd;
@@ -530,4 +530,4 @@ TEST(ClosedGaps, ProjectionBeyondFloatRangeIsANumericalError) {
       [&] { (void)kqsvd::fit_projection<float>(Method::kq_svd, keys, queries, RankSelection::fixed(2)); }, "float");
 }
 
-}  // namespace
+}  // namespace kqsvd_test_hostile_inputs

@@ -14,7 +14,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_kernels {
 
 using Eigen::Index;
 using Eigen::MatrixXd;
@@ -356,4 +356,4 @@ TEST(FusedAttention, RejectsBadInputByName) {
                  "argument 'other' holds 20 queries of value width 8, this one 20 of 3");
 }
 
-}  // namespace
+}  // namespace kqsvd_test_kernels

@@ -9,7 +9,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_key_query_svd {
 
 using kqsvd::Method;
 using kqsvd::RankSelection;
@@ -197,4 +197,4 @@ TEST(KqSvd, MeanGramKeepsLatentsOrderOne) {
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_key_query_svd

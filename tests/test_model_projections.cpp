@@ -6,7 +6,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_model_projections {
 
 using kqsvd::Method;
 using kqsvd::ModelShape;
@@ -195,4 +195,4 @@ TEST(ModelProjections, FootprintCountsLatentsProjectionsAndTheWindowExactly) {
   EXPECT_THROW(kqsvd::latent_cache_footprint(model.ranks(), kqsvd::StorageFormat(), -1), kqsvd::InvalidArgument);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_model_projections

@@ -22,7 +22,7 @@
 #include "kqsvd/core/error.hpp"
 #include "kqsvd/io/npy.hpp"
 
-namespace {
+namespace kqsvd_test_npy {
 
 namespace fs = std::filesystem;
 using kqsvd::test::expect_error;
@@ -332,4 +332,4 @@ TEST(NpyMalformedCorpus, EveryFileHasATest) {
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_npy

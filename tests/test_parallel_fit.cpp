@@ -11,7 +11,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_parallel_fit {
 
 using Eigen::Index;
 using Eigen::MatrixXd;
@@ -136,4 +136,4 @@ TEST(SymmetricEigenRoute, RejectsAnIndefiniteQueryGram) {
   EXPECT_EQ(zero.singular_values().norm(), 0.0);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_parallel_fit

@@ -15,7 +15,7 @@
 
 #include "file_test_support.hpp"
 
-namespace {
+namespace kqsvd_test_projection_file {
 
 namespace fs = std::filesystem;
 using Eigen::Index;
@@ -224,4 +224,4 @@ TEST(ProjectionFile, RejectsActivationFilesAndTruncatedFiles) {
   EXPECT_THROW(ProjectionFile::load((directory / "missing.safetensors").string()), kqsvd::IoError);
 }
 
-}  // namespace
+}  // namespace kqsvd_test_projection_file

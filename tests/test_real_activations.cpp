@@ -13,7 +13,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_real_activations {
 
 using kqsvd::Method;
 using kqsvd::RankSelection;
@@ -190,4 +190,4 @@ TEST_F(RealActivations, KqSvdLeadsOnHeldOutStories) {
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_real_activations

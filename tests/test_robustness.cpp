@@ -9,7 +9,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_robustness {
 
 using kqsvd::Method;
 using kqsvd::RankSelection;
@@ -164,4 +164,4 @@ TEST(InvalidInput, OperatorsRejectWrongShapesAndNonFiniteData) {
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_robustness

@@ -25,7 +25,7 @@
 #include "kqsvd/io/dtype.hpp"
 #include "kqsvd/io/safetensors.hpp"
 
-namespace {
+namespace kqsvd_test_safetensors {
 
 namespace fs = std::filesystem;
 using kqsvd::test::expect_error;
@@ -581,4 +581,4 @@ TEST(SafetensorsMalformedCorpus, EveryFileHasATest) {
   }
 }
 
-}  // namespace
+}  // namespace kqsvd_test_safetensors

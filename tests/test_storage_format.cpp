@@ -17,7 +17,7 @@
 
 #include "test_support.hpp"
 
-namespace {
+namespace kqsvd_test_storage_format {
 
 using Eigen::Index;
 using kqsvd::StorageFormat;
@@ -286,4 +286,4 @@ TEST(StorageFormat, RejectsBadInputByName) {
                  "argument 'bytes' holds 33 bytes, a q8_0 row of 32 elements has 34");
 }
 
-}  // namespace
+}  // namespace kqsvd_test_storage_format

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# valgrind memcheck of the kqsvd command-line tool on the demo data (examples/data/tinyllama-h64): every
+# valgrind memcheck of the kqsvd command-line tool on the demo data (data/activations/tinyllama-h64): every
 # subcommand once, plus a usage error and a truncated input file, which must fail with their exit codes
 # (2 and 1) and still free everything. Fails on any invalid read or write, use of uninitialised memory,
 # or definite/indirect leak. CI runs it on the Release binary (sanitizers and valgrind do not mix).
@@ -25,7 +25,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends valgrind >/dev/null
 fi
 
-data=examples/data/tinyllama-h64
+data=data/activations/tinyllama-h64
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 # One OpenMP thread: libgomp keeps its worker threads' stacks until exit, which memcheck would list as

@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr const char* usage = R"(usage: kqsvd <command> [options]    (kqsvd <command> --help for its options)
+constexpr const char* tool_usage = R"(usage: kqsvd <command> [options]    (kqsvd <command> --help for its options)
 
 Low-rank KV-cache compression with KQ-SVD and its baselines, on saved attention activations
 (safetensors files in the layout of docs/activations.md).
@@ -30,7 +30,7 @@ commands:
 
 int main(int argc, char** argv) {
   using namespace kqsvd::cli;
-  return run_tool("kqsvd", usage,
+  return run_tool("kqsvd", tool_usage,
                   {{"fit", fit_command}, {"eval", eval_command}, {"compare", compare_command}, {"analyze", analyze_command}},
                   argc, argv);
 }

@@ -16,7 +16,7 @@ namespace kqsvd::cli {
 
 namespace {
 
-constexpr const char* usage = R"(usage: kqsvd-llama capture --model M.bin --tokenizer tok.bin --text stories.txt --stories A:B
+constexpr const char* capture_usage = R"(usage: kqsvd-llama capture --model M.bin --tokenizer tok.bin --text stories.txt --stories A:B
            --out OUT.safetensors [--max-tokens T] [--pre-rope] [--dtype f32|f16|bf16] [--name NAME]
            [--no-o-proj] [--force]
 
@@ -60,7 +60,7 @@ int capture_command(const std::vector<std::string>& words) {
                                {"--name", OptionKind::value},   {"--no-o-proj", OptionKind::flag},
                                {"--force", OptionKind::flag}});
   if (args.help()) {
-    std::cout << usage;
+    std::cout << capture_usage;
     return exit_success;
   }
   const std::pair<long, long> range = required(args.range("--stories"), "--stories");

@@ -18,7 +18,7 @@ namespace kqsvd::cli {
 
 namespace {
 
-constexpr const char* usage = R"(usage: kqsvd-llama generate --model M.bin --tokenizer tok.bin [--prompt TEXT] [--steps N]
+constexpr const char* generate_usage = R"(usage: kqsvd-llama generate --model M.bin --tokenizer tok.bin [--prompt TEXT] [--steps N]
            [--format F] [--method kqsvd|ksvd|eigen (--rank R | --eps E) --text stories.txt
             [--calib-stories A:B] [--rope post|pre] [--window W] [--compare]]
 
@@ -69,7 +69,7 @@ int generate_command(const std::vector<std::string>& words) {
                                {"--rope", OptionKind::value},   {"--window", OptionKind::value},
                                {"--compare", OptionKind::flag}});
   if (args.help()) {
-    std::cout << usage;
+    std::cout << generate_usage;
     return exit_success;
   }
   CacheConfiguration configuration;

@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr const char* usage = R"(usage: kqsvd-llama <command> [options]    (kqsvd-llama <command> --help for its options)
+constexpr const char* tool_usage = R"(usage: kqsvd-llama <command> [options]    (kqsvd-llama <command> --help for its options)
 
 The llama2.c reference model (the library's kernels doing its attention) end to end.
 
@@ -29,7 +29,7 @@ commands:
 
 int main(int argc, char** argv) {
   using namespace kqsvd::cli;
-  return run_tool("kqsvd-llama", usage,
+  return run_tool("kqsvd-llama", tool_usage,
                   {{"quality", quality_command}, {"generate", generate_command}, {"capture", capture_command}}, argc,
                   argv);
 }

@@ -31,7 +31,7 @@ namespace kqsvd::cli {
 
 namespace {
 
-constexpr const char* usage = R"(usage: kqsvd-llama quality --model M.bin --tokenizer tok.bin --text stories.txt
+constexpr const char* quality_usage = R"(usage: kqsvd-llama quality --model M.bin --tokenizer tok.bin --text stories.txt
            --calib-stories A:B --eval-stories C:D [--max-tokens T] [--ratios 0.25,0.5,0.75]
            [--window W] [--format f32] [--methods kqsvd,ksvd,eigen] [--rope post,pre]
            [--allocations uniform,eps] [--decode-tokens N] [--json OUT.json] [--plot OUT.svg]
@@ -260,7 +260,7 @@ int quality_command(const std::vector<std::string>& words) {
                                {"--decode-tokens", OptionKind::value}, {"--json", OptionKind::value},
                                {"--plot", OptionKind::value}});
   if (args.help()) {
-    std::cout << usage;
+    std::cout << quality_usage;
     return exit_success;
   }
   const auto start = std::chrono::steady_clock::now();

@@ -18,8 +18,8 @@
 // Layout (what the kernels rely on): each side is a sequence of blocks of block_tokens tokens. Within a
 // block, elements are stored dimension-major -- for every element of the row, the block's tokens are
 // contiguous (a "run") -- so that a decode step adds a whole run to all the block's scores with vertical
-// SIMD multiply-adds, instead of one horizontal reduction per token (twice as fast at r = 16, measured
-// in bench/). Groups of elements that share scales store, per group, the float16 scales of the block's
+// SIMD multiply-adds, instead of one horizontal reduction per token (bench/README.md, design
+// measurements). Groups of elements that share scales store, per group, the float16 scales of the block's
 // tokens, then their float16 minimums (asymmetric formats), then the group's runs. 4-bit runs hold
 // token t of the block in the low nibble of byte t and token t + 64 in the high one; 2-bit runs token
 // t + 32 p in bits 2p..2p+1 of byte t. A token costs exactly StorageFormat::bytes_per_row per side.

@@ -55,8 +55,8 @@ void require_finite_rows(const char* function, const char* argument, const Eigen
 
 // tile = rows * projection.encoder() in float, checked: an InvalidArgument naming the first non-finite
 // entry of `rows` (counted from first_row), a NumericalError when finite rows overflow float. One
-// vectorised pass finds both (Eigen's allFinite() is a scalar loop: measured 10-18 % of the kernel at
-// 128k tokens); the slow diagnosis runs only when something is wrong.
+// vectorised pass finds both (Eigen's allFinite() is a scalar loop, a measurable share of the kernel:
+// bench/README.md, design measurements); the slow diagnosis runs only when something is wrong.
 template <typename Derived>
 void compress_tile(const char* function, const char* argument, const LowRankProjection<float>& projection,
                    const Eigen::MatrixBase<Derived>& rows, Eigen::Index first_row, RowMatrix<float>& tile) {

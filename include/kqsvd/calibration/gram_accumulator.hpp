@@ -203,8 +203,8 @@ class GramAccumulator {
   }
 
   // Rows per chunk for this dimension: the chunk (and Eigen's packing buffers for a rank update of that
-  // depth) stay within 64 KiB. Larger temporaries are fresh pages from the OS on every call here --
-  // measured at d = 128: 256-row chunks ran at 5 GFLOP/s in a fresh process, 64-row chunks at 50.
+  // depth) stay within 64 KiB. Larger temporaries are fresh pages from the OS on every call here, ten
+  // times slower in a fresh process (bench/README.md, design measurements).
   static Index chunk_rows(Index dimension) {
     return std::clamp<Index>((Index{64} << 10) / (8 * dimension), 1, block_rows);
   }
@@ -213,7 +213,7 @@ class GramAccumulator {
 
   // gram += chunk chunk^T. Chunks are always d x length column-major, tokens in columns: a contiguous
   // copy from row-major rows (tokens contiguous, as models produce them), and the operand layout Eigen's
-  // rank update is fastest on (measured at d = 128: 55 GFLOP/s against 42 untransposed). One layout for
+  // rank update is fastest on (bench/README.md, design measurements). One layout for
   // every input also makes the bytes independent of the caller's storage order.
   static void add_chunk(const Eigen::Ref<const Eigen::MatrixXd>& chunk, Eigen::MatrixXd& gram, Eigen::ArrayXd& largest) {
     gram.selfadjointView<Eigen::Lower>().rankUpdate(chunk);

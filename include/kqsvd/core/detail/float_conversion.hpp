@@ -4,8 +4,7 @@
 // for the whole library: the cache layer stores these types and the file formats read and write them.
 //
 // Why not Eigen's .cast<>(): in Eigen 3.4 a cast between half/bfloat16 and float is evaluated one
-// scalar at a time (5-11 ns per 16-element row measured here), slower than reading the latents from
-// memory, and its packet conversions never use the F16C instructions with GCC (Eigen 3.4 defines
+// scalar at a time, slower than reading the latents from memory (bench/README.md, design measurements), and its packet conversions never use the F16C instructions with GCC (Eigen 3.4 defines
 // EIGEN_HAS_FP16_C only for clang). So:
 //   * float16 with F16C (x86 since 2012; -mf16c, -march=haswell or later, -march=native): the F16C
 //     conversion intrinsics, 8 elements per instruction (16 with AVX-512F);

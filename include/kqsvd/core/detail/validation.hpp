@@ -42,7 +42,7 @@ inline void require_square(const char* function, const char* argument, Eigen::In
   }
 }
 
-// Eigen 3.4's allFinite() is a scalar loop (about 1 ns per entry: a third of the Gram accumulation's
+// Eigen 3.4's allFinite() is a scalar loop (a third of the Gram accumulation's
 // cost at d = 128). A product with zero summed is the same test, vectorised: 0 when every entry is
 // finite, NaN when any is infinite or NaN.
 template <typename Derived>
