@@ -1,4 +1,4 @@
-// Compress (issue 4, item 4): keys n x d (float) -> latents n x r, stored as float32 or float16, with
+// Compress: keys n x d (float) -> latents n x r, stored as float32 or float16, with
 // kqsvd::compress_into.
 //
 // A pool of heads totalling 256 MiB of keys is compressed per iteration, so the input streams from

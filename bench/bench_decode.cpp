@@ -7,7 +7,8 @@
 //                                        storage format F (f16, q8_0, q4_0, fp8_e4m3, int8, ...)
 //   BM_DecodeLatent/F/tokens/r           kqsvd::decode_attention(key_proj, value_proj, q, cache): latents
 //                                        with r_k = r_v = r in format F
-//   BM_DecodeLatentCompute/F/r           one head of 2048 tokens, resident in L2: compute cost per token
+//   BM_DecodeCacheCompute/F/width        one HeadCache of 2048 tokens, resident in L2: compute cost per
+//                                        token (width 128: full rows; less: latents of that rank)
 //
 // A decode step of a model touches every head's cache once, so caches are never hot in the CPU's
 // caches: each iteration runs one step over a pool of heads holding 512 MiB in all (a Llama-2-7B at 1k

@@ -1,4 +1,4 @@
-// Fit (issue 4, item 3): the closed-form solve from accumulated Grams, per head and for a whole
+// Fit: the closed-form solve from accumulated Grams, per head and for a whole
 // Llama-2-7B-shaped model, next to the authors' route (QR of the n x d calibration matrices, then an
 // SVD), with the peak memory of both.
 //
@@ -6,6 +6,9 @@
 //                             1 JacobiSVD, 2 symmetric eigendecomposition
 //   BM_FitModel/svd           ModelProjections::fit of 32 layers x 32 KV heads, d = 128, keys and values
 //                             (2048 solves, plus G_W = W_h^T W_h of every head from a 4096 x 4096 o_proj)
+//   BM_LossAwareAllocation/format  loss_aware_allocation over the same model's 2048 key and value
+//                             projections (d = 128, spectra decaying like real ones, random weights) at a
+//                             quarter of the full cache; format = 0 f32 (steps of 1), 1 int4 (blocks of 32)
 //   BM_QrRoute/tokens         authors' route for one head: K, Q (tokens x 128 float) -> QR, QR ->
 //                             SVD(R_K R_Q^T) -> A = R_K^-1 U_r, B = R_K^T U_r
 //   BM_GramRoute/tokens       ours for the same data: stream K, Q through GramAccumulators in blocks of
@@ -137,6 +140,43 @@ kqsvd::LowRankProjection<float> gram_route(const FloatRows& k, const FloatRows& 
   }
   return kqsvd::fit_projection<float>(kqsvd::Method::kq_svd, keys, queries, kqsvd::RankSelection::fixed(fit_rank));
 }
+
+// Projections carrying only spectra (identity encoders): what the allocator reads.
+kqsvd::ModelProjections<float> spectra_only_model() {
+  const kqsvd::ModelShape shape{32, 32, 32, head_dim};
+  const Eigen::MatrixXf identity = Eigen::MatrixXf::Identity(head_dim, head_dim);
+  std::vector<kqsvd::LowRankProjection<float>> keys, values;
+  std::vector<float> noise(static_cast<std::size_t>(head_dim));
+  for (Index i = 0; i < 2 * shape.layers * shape.kv_heads; ++i) {
+    kqsvd_bench::random_fill(noise.data(), head_dim, 1000 + static_cast<std::uint64_t>(i));
+    Eigen::VectorXd s(head_dim);
+    for (Index j = 0; j < head_dim; ++j) {
+      s(j) = (1.0 + 0.1 * std::abs(noise[static_cast<std::size_t>(j)])) * std::exp(-static_cast<double>(j) / (8.0 + i % 24));
+    }
+    std::sort(s.data(), s.data() + head_dim, [](double a, double b) { return a > b; });
+    (i % 2 == 0 ? keys : values).emplace_back(kqsvd::Method::kq_svd, identity, identity, s);
+  }
+  return kqsvd::ModelProjections<float>(shape, std::move(keys), std::move(values));
+}
+
+void BM_LossAwareAllocation(benchmark::State& state) {
+  static const kqsvd::ModelProjections<float> model = spectra_only_model();
+  kqsvd::LossWeights weights(model.shape());
+  std::vector<float> noise(static_cast<std::size_t>(model.shape().layers));
+  kqsvd_bench::random_fill(noise.data(), model.shape().layers, 7);
+  for (Index l = 0; l < model.shape().layers; ++l) {
+    weights.set_layer(l, 1.0 + std::abs(noise[static_cast<std::size_t>(l)]), 0.5 + std::abs(noise[static_cast<std::size_t>(l)]));
+  }
+  kqsvd::LossAwareOptions options;
+  options.format = kqsvd::StorageFormat::parse(state.range(0) == 0 ? "f32" : "int4");
+  const auto budget = kqsvd::MemoryBudget::fraction_of_full_cache(0.25);
+  for (auto _ : state) {
+    const kqsvd::LossAwareAllocation allocation = kqsvd::loss_aware_allocation(model, weights, budget, options);
+    benchmark::DoNotOptimize(allocation.predicted_loss);
+  }
+  state.counters["ms_target"] = 50.0;
+}
+BENCHMARK(BM_LossAwareAllocation)->ArgName("format")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond);
 
 void BM_QrRoute(benchmark::State& state) {
   const Index tokens = state.range(0);

@@ -1,4 +1,4 @@
-// Calibration: Gram accumulation throughput (issue 4, item 2).
+// Calibration: Gram accumulation throughput.
 //
 // GramAccumulator::add of one block of float keys (tokens x d, row-major as a model produces them),
 // d = 64 and 128, blocks of 4k, 16k and 64k tokens. Useful work is the symmetric rank-k update,

@@ -1,7 +1,10 @@
-// Prefill attention (issue 4, item 6): a prompt of T tokens, causal, against its own cache, d = 128.
+// Prefill attention: a prompt of T tokens, causal, against its own cache, d = 128.
 //
-//   BM_PrefillFull<S>/T         kqsvd::prefill_attention(Q, K, V), keys and values stored as S
-//   BM_PrefillLatent<S>/T/r     kqsvd::prefill_attention(key_proj, value_proj, Q, cache), r_k = r_v = r
+//   BM_PrefillFull<S>/T         kqsvd::prefill_attention(Q, K, V), keys and values in the caller's memory
+//                               stored as S (float, Eigen::half)
+//   BM_PrefillFullCache/F/T     kqsvd::prefill_attention(Q, cache): a HeadCache of full rows in format F
+//   BM_PrefillLatent/F/T/r      kqsvd::prefill_attention(key_proj, value_proj, Q, cache): latents in
+//                               format F, r_k = r_v = r
 //
 // Prefill is compute-bound (T^2/2 scores of d or r multiply-adds, and as many for the values): counted
 // flops are those of the two causal products, 2 T(T+1)/2 (k + c) with k, c the key and value widths,
@@ -9,10 +12,9 @@
 #include <benchmark/benchmark.h>
 
 #include <kqsvd/cache/head_cache.hpp>
-
-#include <type_traits>
 #include <kqsvd/kernels/prefill_attention.hpp>
 
+#include <string>
 #include <vector>
 
 #include "ceilings.hpp"
@@ -51,8 +53,25 @@ void BM_PrefillFull(benchmark::State& state) {
   gemm.report(state, causal_flops(tokens, head_dim, head_dim));
 }
 
-template <typename Storage>
-void BM_PrefillLatent(benchmark::State& state) {
+kqsvd::HeadCache filled_cache(Index tokens, Index width, const kqsvd::StorageFormat& format) {
+  kqsvd::HeadCache cache(width, width, format);
+  cache.append(random_rows(tokens, width, 2), random_rows(tokens, width, 3));
+  return cache;
+}
+
+void BM_PrefillFullCache(benchmark::State& state, const kqsvd::StorageFormat& format) {
+  const Index tokens = state.range(0);
+  const FloatRows q = random_rows(tokens, head_dim, 1, 0.2f);
+  const kqsvd::HeadCache cache = filled_cache(tokens, head_dim, format);
+  kqsvd_bench::AdjacentCeiling gemm(kqsvd_bench::Ceiling::float_gemm);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(kqsvd::prefill_attention(q, cache));
+    gemm.interleave(state);
+  }
+  gemm.report(state, causal_flops(tokens, head_dim, head_dim));
+}
+
+void BM_PrefillLatent(benchmark::State& state, const kqsvd::StorageFormat& format) {
   const Index tokens = state.range(0), rank = state.range(1);
   Eigen::MatrixXf a(head_dim, rank), b(head_dim, rank);
   kqsvd_bench::random_fill(a.data(), a.size(), 4, 0.1f);
@@ -60,8 +79,7 @@ void BM_PrefillLatent(benchmark::State& state) {
   const kqsvd::LowRankProjection<float> keys(kqsvd::Method::kq_svd, a, b, Eigen::VectorXd::Ones(head_dim));
   const kqsvd::LowRankProjection<float> values(kqsvd::Method::kq_svd, b, a, Eigen::VectorXd::Ones(head_dim));
   const FloatRows q = random_rows(tokens, head_dim, 1, 2.0f);
-  kqsvd::HeadCache cache(rank, rank, kqsvd::StorageFormat::parse(std::is_same<Storage, float>::value ? "f32" : "f16"));
-  cache.append(random_rows(tokens, rank, 2), random_rows(tokens, rank, 3));
+  const kqsvd::HeadCache cache = filled_cache(tokens, rank, format);
   kqsvd_bench::AdjacentCeiling gemm(kqsvd_bench::Ceiling::float_gemm);
   for (auto _ : state) {
     benchmark::DoNotOptimize(kqsvd::prefill_attention(keys, values, q, cache));
@@ -82,10 +100,30 @@ BENCHMARK_TEMPLATE(BM_PrefillFull, Eigen::half)
     ->ArgsProduct({prompt_tokens})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK_TEMPLATE(BM_PrefillLatent, Eigen::half)
-    ->ArgNames({"tokens", "r"})
-    ->ArgsProduct({prompt_tokens, {16, 32, 64}})
-    ->UseRealTime()
-    ->Unit(benchmark::kMillisecond);
+
+// The formats, registered by name (the summary reads the names back).
+const bool registered = [] {
+  for (const char* name : {"f16", "bf16", "fp8_e4m3", "int8", "q8_0", "q4_0", "int4", "int2"}) {
+    const kqsvd::StorageFormat format = kqsvd::StorageFormat::parse(name);
+    benchmark::RegisterBenchmark((std::string("BM_PrefillFullCache/") + name).c_str(), BM_PrefillFullCache, format)
+        ->ArgName("tokens")
+        ->ArgsProduct({prompt_tokens})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+  for (const char* name : {"f32", "f16", "int8", "q8_0", "q4_0", "int4", "int2"}) {
+    const kqsvd::StorageFormat format = kqsvd::StorageFormat::parse(name);
+    std::vector<int64_t> ranks;  // those the format holds (blocks of 32 need multiples of 32)
+    for (const int64_t rank : {16, 32, 64}) {
+      if (rank % format.group_size(rank) == 0) ranks.push_back(rank);
+    }
+    benchmark::RegisterBenchmark((std::string("BM_PrefillLatent/") + name).c_str(), BM_PrefillLatent, format)
+        ->ArgNames({"tokens", "r"})
+        ->ArgsProduct({prompt_tokens, ranks})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+  return true;
+}();
 
 }  // namespace

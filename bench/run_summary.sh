@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the benchmark suite (Release, -march=native) if needed, runs every program with JSON output
-# and prints the summary table of issue 4 (Markdown) with PASS/MISS per target.
+# and prints the summary tables (Markdown) with PASS/MISS per target.
 #
 #   bash bench/run_summary.sh                 # ~10 minutes on a 2-core machine
 #

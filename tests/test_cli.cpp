@@ -6,6 +6,7 @@
 #include <kqsvd/io/activation_evaluation.hpp>
 #include <kqsvd/io/activation_writer.hpp>
 #include <kqsvd/io/projection_file.hpp>
+#include <kqsvd/io/sensitivity_file.hpp>
 #include <kqsvd/kqsvd.hpp>
 
 #include <nlohmann/json.hpp>
@@ -97,9 +98,10 @@ kqsvd::ModelProjections<float> library_fit(kqsvd::Method method, const kqsvd::Ra
                                              values);
 }
 
-std::vector<FidelityTotals> library_measure(const kqsvd::ModelProjections<float>& projections) {
+std::vector<FidelityTotals> library_measure(const kqsvd::ModelProjections<float>& projections,
+                                            const std::optional<kqsvd::StorageFormat>& latent_format = std::nullopt) {
   const ActivationFile file(held_out);
-  return kqsvd::io::measure(projections, file, file.output_weights());
+  return kqsvd::io::measure(projections, file, file.output_weights(), latent_format);
 }
 
 void expect_close(double actual, double expected, const std::string& what) {
@@ -109,8 +111,9 @@ void expect_close(double actual, double expected, const std::string& what) {
 const char* const error_keys[] = {"err_k", "err_q", "err_v", "err_qk", "err_vo", "err_softmax", "err_out"};
 
 // Every number of one method's JSON object against the library's.
-void expect_report_matches(const json& report, const kqsvd::ModelProjections<float>& projections) {
-  const std::vector<FidelityTotals> per_layer = library_measure(projections);
+void expect_report_matches(const json& report, const kqsvd::ModelProjections<float>& projections,
+                           const std::optional<kqsvd::StorageFormat>& latent_format = std::nullopt) {
+  const std::vector<FidelityTotals> per_layer = library_measure(projections, latent_format);
   ASSERT_EQ(report.at("layers").size(), per_layer.size());
   FidelityTotals overall;
   const kqsvd::ModelShape& shape = projections.shape();
@@ -347,9 +350,9 @@ TEST_F(Cli, UsageErrorsExitTwo) {
   expect_usage_error(kqsvd({"compress"}), "unknown command 'compress'");
   expect_usage_error(kqsvd({"fit", "--method", "kqsvd", "--rank", "2", "--out", out}), "--calib is required");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "pca", "--rank", "2", "--out", out}), "--method must be");
-  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--out", out}), "exactly one of --rank and --eps");
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--out", out}), "exactly one of --rank, --eps and --budget");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "2", "--eps", "0.1", "--out", out}),
-                     "exactly one of --rank and --eps");
+                     "exactly one of --rank, --eps and --budget");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "0", "--out", out}),
                      "--rank must be a positive integer");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--eps", "1.5", "--out", out}),
@@ -360,6 +363,152 @@ TEST_F(Cli, UsageErrorsExitTwo) {
   expect_usage_error(kqsvd({"compare", "--calib", calib, "--data", "--rank", "2"}), "--data needs at least one file");
   expect_usage_error(kqsvd({"analyze", "extra", "--data", held_out}), "unexpected argument 'extra'");
   EXPECT_FALSE(fs::exists(out));
+}
+
+// --budget: uniform ranks without a sensitivity file, the library's loss-aware allocation with one; the
+// file records which, and eval reports it. stories260K: 5 layers x 4 KV heads x head_dim 8.
+TEST_F(Cli, FitWithABudgetSpendsItUniformlyOrWhereTheLossNeedsIt) {
+  const std::string uniform = path("uniform.safetensors");
+  const Result fit = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--budget", "0.5", "--out", uniform});
+  ASSERT_EQ(fit.exit_code, 0) << fit.err;
+  const kqsvd::io::ProjectionFile uniform_file = kqsvd::io::ProjectionFile::load(uniform);
+  EXPECT_EQ(uniform_file.projections().ranks(), kqsvd::RankAllocation::uniform(uniform_file.shape(), 4, 4));
+  EXPECT_EQ(uniform_file.info().rank_allocation, "uniform, 0.5 of the full cache in f32");
+
+  // Weights that make layer 3's keys and layer 0's values matter most.
+  const kqsvd::ModelShape shape = uniform_file.shape();
+  kqsvd::io::Sensitivity sensitivity{kqsvd::Method::kq_svd, kqsvd::RopeMode::post_rope, "stories260K", "test",
+                                     kqsvd::LossWeights(shape, 0.1)};
+  sensitivity.weights.set_layer(3, 5.0, 0.1);
+  sensitivity.weights.set_layer(0, 0.1, 2.0);
+  const std::string weights = path("sensitivity.json");
+  kqsvd::io::write_sensitivity_file(weights, sensitivity);
+  const std::string aware = path("aware.safetensors");
+  const Result fit_aware = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--budget", "0.5", "--sensitivity", weights,
+                                  "--latents", "int8", "--out", aware});
+  ASSERT_EQ(fit_aware.exit_code, 0) << fit_aware.err;
+  const auto full = library_fit(kqsvd::Method::kq_svd, kqsvd::RankSelection::fixed(8), kqsvd::RankSelection::fixed(8));
+  kqsvd::LossAwareOptions options;
+  options.format = kqsvd::StorageFormat::parse("int8");
+  const kqsvd::LossAwareAllocation expected =
+      kqsvd::loss_aware_allocation(full, sensitivity.weights, kqsvd::MemoryBudget::fraction_of_full_cache(0.5), options);
+  const kqsvd::io::ProjectionFile aware_file = kqsvd::io::ProjectionFile::load(aware);
+  EXPECT_EQ(aware_file.projections().ranks(), expected.ranks);
+  EXPECT_GT(aware_file.projections().keys(3, 0).rank(), aware_file.projections().keys(1, 0).rank());
+  // int8 rows cost r + 2 bytes; half of the full cache is 40 x 10 / 2 = 200 bytes per token.
+  EXPECT_LE(kqsvd::latent_cache_footprint(expected.ranks, options.format).bytes_per_token, 200);
+  EXPECT_GE(kqsvd::latent_cache_footprint(expected.ranks, options.format).bytes_per_token, 199);
+  EXPECT_NE(aware_file.info().rank_allocation.find("loss-aware, 0.5 of the full cache in int8, joint budget"), std::string::npos)
+      << aware_file.info().rank_allocation;
+  const Result eval = kqsvd({"eval", "--proj", aware, "--data", held_out, "--json"});
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const json report = json::parse(eval.out);
+  EXPECT_EQ(report.at("rank_allocation").get<std::string>(), aware_file.info().rank_allocation);
+  expect_report_matches(report, full.truncated(expected.ranks));
+
+  // Bad budgets exit 2, unusable sensitivity files exit 1; nothing is written either way.
+  const std::string out = path("never.safetensors");
+  const auto fit_with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> words = {"fit", "--calib", calib, "--method", "kqsvd", "--out", out};
+    words.insert(words.end(), extra.begin(), extra.end());
+    return kqsvd(words);
+  };
+  expect_usage_error(fit_with({"--budget", "0"}), "--budget must be a number in (0, 1]");
+  expect_usage_error(fit_with({"--budget", "1.5"}), "--budget must be a number in (0, 1]");
+  expect_usage_error(fit_with({"--budget", "half"}), "--budget must be a number in (0, 1]");
+  expect_usage_error(fit_with({"--budget", "0.1"}), "--budget 0.1 is less than rank 1 in every key and value projection");
+  expect_usage_error(fit_with({"--budget", "0.5", "--value-rank", "2"}), "--value-rank goes with --rank or --eps");
+  expect_usage_error(fit_with({"--rank", "2", "--sensitivity", weights}), "--sensitivity needs --budget");
+  expect_usage_error(fit_with({"--budget", "0.5", "--budget-sharing", "both"}), "--budget-sharing must be joint or separate");
+  expect_usage_error(fit_with({"--budget", "0.5", "--latents", "q4_0"}), "do not divide head_dim 8");
+  const auto expect_data_error = [](const Result& result, const std::string& problem) {
+    EXPECT_EQ(result.exit_code, 1) << result.err;
+    EXPECT_NE(result.err.find(problem), std::string::npos) << result.err;
+  };
+  expect_data_error(kqsvd({"fit", "--calib", calib, "--method", "ksvd", "--out", out, "--budget", "0.5", "--sensitivity", weights}),
+                    "was measured for method kqsvd, but --method is ksvd");
+  sensitivity.model = "tinyllama-h64";
+  kqsvd::io::write_sensitivity_file(weights, sensitivity, /*overwrite=*/true);
+  expect_data_error(fit_with({"--budget", "0.5", "--sensitivity", weights}), "was measured for model 'tinyllama-h64'");
+  kqsvd::test::write_file(weights, R"({"format": "kqsvd.sensitivity", "method": "kqsvd", "layers": [{"key": 1, "value": 1}]})");
+  expect_data_error(fit_with({"--budget", "0.5", "--sensitivity", weights}), "has 1 layers; the model has 5");
+  kqsvd::test::write_file(weights, R"({"format": "kqsvd.sensitivity", "method": "kqsvd", "layers": [)");
+  expect_data_error(fit_with({"--budget", "0.5", "--sensitivity", weights}), "is not valid JSON");
+  expect_data_error(fit_with({"--budget", "0.5", "--sensitivity", path("missing.json")}), "cannot open");
+  EXPECT_FALSE(fs::exists(out));
+}
+
+// kqsvd-llama probe on the shipped stories260K checkpoint: a sensitivity file of the model's shape, with
+// the model's name, that kqsvd fit accepts for activations of the same model.
+TEST_F(Cli, ProbeWritesASensitivityFileThatFitAccepts) {
+  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
+  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
+  const std::string weights = path("probe.json");
+  std::string command = "OMP_NUM_THREADS=1 " + quote(llama) + " probe --model " + quote(model_dir + "/stories260K.bin") +
+                        " --tokenizer " + quote(model_dir + "/tok512.bin") + " --text " +
+                        quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+                        " --calib-stories 0:6 --probe-stories 6:9 --max-tokens 48 --method kqsvd --ratio 0.5 --out " +
+                        quote(weights) + " > " + quote(path("probe.txt")) + " 2>&1";
+  ASSERT_EQ(std::system(command.c_str()), 0) << kqsvd::test::read_file(path("probe.txt"));
+  const kqsvd::ModelShape shape{5, 8, 4, 8};
+  const kqsvd::io::Sensitivity sensitivity = kqsvd::io::read_sensitivity_file(weights, shape);
+  EXPECT_EQ(sensitivity.model, "stories260K");
+  EXPECT_EQ(sensitivity.method, kqsvd::Method::kq_svd);
+  EXPECT_NE(sensitivity.probe.find("rank 4 of 8"), std::string::npos) << sensitivity.probe;
+  double largest = 0.0;
+  for (Index l = 0; l < 5; ++l) largest = std::max({largest, sensitivity.weights.key(l, 0), sensitivity.weights.value(l, 0)});
+  EXPECT_GT(largest, 0.0);  // compressing some layer to half its dimensions costs the model something
+  const Result fit = kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--budget", "0.5", "--sensitivity", weights,
+                            "--out", path("proj.safetensors")});
+  EXPECT_EQ(fit.exit_code, 0) << fit.err;
+}
+
+// --latents int8: the errors of the latents as an int8 cache holds them, and its bits: rank 4 of 8, each
+// latent row 4 codes and a float16 scale (6 bytes), keys and values, over 2 x 8 full elements.
+TEST_F(Cli, EvalWithQuantizedLatentsMeasuresTheStoredLatents) {
+  const std::string proj = path("proj.safetensors");
+  ASSERT_EQ(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "4", "--out", proj}).exit_code, 0);
+  const auto expected = library_fit(kqsvd::Method::kq_svd, kqsvd::RankSelection::fixed(4), kqsvd::RankSelection::fixed(4));
+
+  const Result exact = kqsvd({"eval", "--proj", proj, "--data", held_out, "--json"});
+  const Result int8 = kqsvd({"eval", "--proj", proj, "--data", held_out, "--latents", "int8", "--json"});
+  const Result int2 = kqsvd({"eval", "--proj", proj, "--data", held_out, "--latents", "int2/4", "--json"});
+  ASSERT_EQ(int8.exit_code, 0) << int8.err;
+  ASSERT_EQ(int2.exit_code, 0) << int2.err;
+  const json exact_report = json::parse(exact.out), int8_report = json::parse(int8.out), int2_report = json::parse(int2.out);
+  EXPECT_EQ(int8_report.at("latents"), "int8");
+  EXPECT_EQ(exact_report.at("latents"), "f32");
+  expect_report_matches(int8_report, expected, kqsvd::StorageFormat::parse("int8"));
+  EXPECT_DOUBLE_EQ(int8_report.at("overall").at("bits_per_element").get<double>(), 2 * 6 * 8 / 16.0);
+  EXPECT_DOUBLE_EQ(exact_report.at("overall").at("bits_per_element").get<double>(), 2 * 4 * 32 / 16.0);
+  // int2 in blocks of 4: 1 byte of codes, a float16 scale and minimum, 5 bytes a row.
+  EXPECT_DOUBLE_EQ(int2_report.at("layers")[0].at("bits_per_element").get<double>(), 2 * 5 * 8 / 16.0);
+  // Rounding costs something, and 2 bits cost more than 8; err_q never sees the cache.
+  const double exact_scores = exact_report.at("overall").at("err_qk").get<double>();
+  EXPECT_GT(int8_report.at("overall").at("err_qk").get<double>(), exact_scores);
+  EXPECT_GT(int2_report.at("overall").at("err_qk").get<double>(), int8_report.at("overall").at("err_qk").get<double>());
+  EXPECT_DOUBLE_EQ(int2_report.at("overall").at("err_q").get<double>(), exact_report.at("overall").at("err_q").get<double>());
+
+  // --rotate hadamard: the same exact errors (a rotation changes no score), a rotated file.
+  const std::string rotated = path("rotated.safetensors");
+  const Result fit_rotated =
+      kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "4", "--rotate", "hadamard", "--out", rotated});
+  ASSERT_EQ(fit_rotated.exit_code, 0) << fit_rotated.err;
+  EXPECT_EQ(kqsvd::io::ProjectionFile::load(rotated).basis(), kqsvd::LatentBasis::rotated);
+  const json rotated_report = json::parse(kqsvd({"eval", "--proj", rotated, "--data", held_out, "--json"}).out);
+  for (const char* key : error_keys) {
+    expect_close(rotated_report.at("overall").at(key).get<double>(), exact_report.at("overall").at(key).get<double>(), key);
+  }
+  expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "4", "--rotate", "random", "--out",
+                            path("x.safetensors")}),
+                     "--rotate must be hadamard, got 'random'");
+
+  expect_usage_error(kqsvd({"eval", "--proj", proj, "--data", held_out, "--latents", "q4_0"}),
+                     "--latents q4_0 stores blocks of 32 elements, but the key rank of layer 0, KV head 0 is 4");
+  expect_usage_error(kqsvd({"eval", "--proj", proj, "--data", held_out, "--latents", "int3"}),
+                     "unknown storage format 'int3'");
+  expect_usage_error(kqsvd({"compare", "--calib", calib, "--data", held_out, "--rank", "3", "--latents", "int4"}),
+                     "--latents int4 stores blocks of 32 elements");
 }
 
 TEST_F(Cli, DataErrorsExitOne) {

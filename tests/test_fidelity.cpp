@@ -79,6 +79,48 @@ TEST(Fidelity, EveryMetricMatchesItsFormula) {
   }
 }
 
+// With a latent format, the latents are what the format gives back (round_trip, itself tested against
+// ggml's vectors and exhaustive tables) and everything downstream is reconstructed from them.
+TEST(Fidelity, LatentFormatMeasuresTheStoredLatents) {
+  const Index n = 24, d = 16, g = 2, hidden = 20;
+  const Group x = make_group(n, d, g, hidden, 7);
+  kqsvd::GramAccumulator keys(d), queries(d), values(d);
+  keys.add(x.k);
+  queries.add(x.queries);
+  values.add(x.v);
+  const auto kp = kqsvd::fit_projection<double>(Method::kq_svd, keys, queries, RankSelection::fixed(8));
+  const auto vp = kqsvd::fit_value_projection<double>(Method::kq_svd, values, kqsvd::output_projection_gram(x.weight, d, 0, g),
+                                                      RankSelection::fixed(8));
+  const MatrixXd a = kp.encoder(), b = kp.decoder(), av = vp.encoder(), bv = vp.decoder();
+  const auto exact = kqsvd::measure_head_fidelity(kp, vp, x.k, x.v, x.queries, x.weight);
+  double previous_scores = exact.relative_error(FidelityMetric::scores);
+  for (const char* name : {"f16", "int8", "int4/8", "int2/8"}) {
+    const kqsvd::StorageFormat format = kqsvd::StorageFormat::parse(name);
+    kqsvd::FidelityOptions options;
+    options.latent_format = format;
+    const auto totals = kqsvd::measure_head_fidelity(kp, vp, x.k, x.v, x.queries, x.weight, options);
+    const MatrixXd key_latents = kqsvd::round_trip(format, MatrixXd(x.k * a)).cast<double>();
+    const MatrixXd value_latents = kqsvd::round_trip(format, MatrixXd(x.v * av)).cast<double>();
+    EXPECT_NEAR(totals.relative_error(FidelityMetric::keys), relative(x.k, key_latents * b.transpose()), 1e-12) << name;
+    EXPECT_NEAR(totals.relative_error(FidelityMetric::values), relative(x.v, value_latents * bv.transpose()), 1e-12) << name;
+    EXPECT_NEAR(totals.relative_error(FidelityMetric::queries), exact.relative_error(FidelityMetric::queries), 1e-12);
+    double error = 0.0, reference = 0.0;
+    for (Index j = 0; j < g; ++j) {
+      const MatrixXd q = x.queries.middleRows(j * n, n);
+      const MatrixXd s = q * x.k.transpose(), s_hat = (q * b) * key_latents.transpose();
+      error += (s - s_hat).squaredNorm();
+      reference += s.squaredNorm();
+    }
+    EXPECT_NEAR(totals.relative_error(FidelityMetric::scores), std::sqrt(error / reference), 1e-12) << name;
+    // Fewer bits, more error: f16 is nearly exact, 2 bits in blocks of 8 are not.
+    EXPECT_GE(totals.relative_error(FidelityMetric::scores), previous_scores * (1 - 1e-9)) << name;
+    previous_scores = totals.relative_error(FidelityMetric::scores);
+  }
+  kqsvd::FidelityOptions unholdable;
+  unholdable.latent_format = kqsvd::StorageFormat::parse("q4_0");
+  EXPECT_THROW(kqsvd::measure_head_fidelity(kp, vp, x.k, x.v, x.queries, x.weight, unholdable), kqsvd::InvalidArgument);
+}
+
 // On the calibration data itself, the measured Q K^T and V W^T errors are the predicted ones.
 TEST(Fidelity, CalibrationErrorEqualsPrediction) {
   const Index n = 60, d = 8, g = 2, hidden = 16;

@@ -2,6 +2,7 @@
 
 #include <kqsvd/kqsvd.hpp>
 
+#include <cmath>
 #include <vector>
 
 #include "test_support.hpp"
@@ -195,4 +196,104 @@ TEST(ModelProjections, FootprintCountsLatentsProjectionsAndTheWindowExactly) {
   EXPECT_THROW(kqsvd::latent_cache_footprint(model.ranks(), kqsvd::StorageFormat(), -1), kqsvd::InvalidArgument);
 }
 
+// Walsh-Hadamard by its closed form, H[i][j] = (-1)^popcount(i & j) / sqrt(n), not Sylvester's recursion.
+MatrixXd closed_form_hadamard(Index n) {
+  MatrixXd h(n, n);
+  for (Index i = 0; i < n; ++i) {
+    for (Index j = 0; j < n; ++j) h(i, j) = (__builtin_popcountll(static_cast<unsigned long long>(i & j)) % 2 ? -1.0 : 1.0);
+  }
+  return h / std::sqrt(static_cast<double>(n));
+}
+
+TEST(LatentRotation, HadamardIsWalshHadamardInPowerOfTwoBlocks) {
+  for (const Index n : {1, 2, 8, 32, 64}) {
+    EXPECT_LT((kqsvd::hadamard_rotation(n) - closed_form_hadamard(n)).cwiseAbs().maxCoeff(), 1e-15) << n;
+  }
+  // 48 = 3 x 16: three blocks of 16 on the diagonal, zero elsewhere; 7 is odd: the identity.
+  const MatrixXd h48 = kqsvd::hadamard_rotation(48);
+  MatrixXd expected = MatrixXd::Zero(48, 48);
+  for (Index b = 0; b < 3; ++b) expected.block(16 * b, 16 * b, 16, 16) = closed_form_hadamard(16);
+  EXPECT_LT((h48 - expected).cwiseAbs().maxCoeff(), 1e-15);
+  EXPECT_EQ(kqsvd::hadamard_rotation(7), MatrixXd::Identity(7, 7));
+  EXPECT_THROW(kqsvd::hadamard_rotation(0), kqsvd::InvalidArgument);
+}
+
+// Rotating changes the latents, not what attention sees: (Q B R)(K A R)^T = (Q B)(K A)^T and the
+// reconstruction K A R R^T B^T = K A B^T, checked against the unrotated projection in double.
+TEST(LatentRotation, RotatedProjectionsGiveTheSameScoresAndOutputs) {
+  kqsvd::ModelCalibration calibration(shape);
+  for (Index l = 0; l < 2; ++l) {
+    const Layer x = make_layer(80, 50 + 10 * static_cast<unsigned>(l));
+    calibration.add(l, x.q, x.k, x.v);
+  }
+  const std::vector<MatrixXd> o_proj = {gaussian(32, 32, 200), gaussian(32, 32, 201)};
+  const auto model = kqsvd::ModelProjections<double>::fit(calibration, o_proj, Method::kq_svd, RankSelection::fixed(4),
+                                                          RankSelection::fixed(6));
+  const auto rotated = kqsvd::hadamard_rotated(model);
+  const Layer x = make_layer(20, 77);
+  for (Index l = 0; l < 2; ++l) {
+    for (Index h = 0; h < 2; ++h) {
+      const auto& key = model.keys(l, h);
+      const auto& turned = rotated.keys(l, h);
+      EXPECT_EQ(turned.basis(), kqsvd::LatentBasis::rotated);
+      EXPECT_EQ(turned.rank(), key.rank());
+      const MatrixXd k = x.k.middleCols(8 * h, 8), q = x.q.middleCols(16 * h, 8);
+      const MatrixXd scores = key.map_queries(q) * key.compress(k).transpose();
+      EXPECT_LT((turned.map_queries(q) * turned.compress(k).transpose() - scores).norm(), 1e-12 * scores.norm());
+      // The latents themselves did change: they are K A R.
+      EXPECT_GT((turned.compress(k) - key.compress(k)).norm(), 0.1 * key.compress(k).norm());
+      const MatrixXd v = x.v.middleCols(8 * h, 8);
+      EXPECT_LT((rotated.values(l, h).reconstruct(v) - model.values(l, h).reconstruct(v)).norm(), 1e-12 * v.norm());
+      // KQ-SVD's A^T B = I survives a rotation: R^T A^T B R = I.
+      EXPECT_LT((turned.encoder().transpose() * turned.decoder() - MatrixXd::Identity(4, 4)).norm(), 1e-10);
+      EXPECT_EQ(turned.singular_values(), key.singular_values());
+    }
+  }
+  // Mixed coordinates are not a lower-rank fit: truncating is refused, keeping every rank is not.
+  EXPECT_THROW(rotated.keys(0, 0).truncated(2), kqsvd::InvalidArgument);
+  EXPECT_THROW(rotated.truncated(kqsvd::RankAllocation::uniform(shape, 2, 2)), kqsvd::InvalidArgument);
+  EXPECT_NO_THROW(rotated.truncated(rotated.ranks()));
+  // Only rank x rank orthogonal matrices rotate.
+  EXPECT_THROW(model.keys(0, 0).rotated(MatrixXd::Identity(3, 3)), kqsvd::InvalidArgument);
+  EXPECT_THROW(model.keys(0, 0).rotated(2.0 * MatrixXd::Identity(4, 4)), kqsvd::InvalidArgument);
+  MatrixXd not_finite = MatrixXd::Identity(4, 4);
+  not_finite(1, 2) = std::nan("");
+  EXPECT_THROW(model.keys(0, 0).rotated(not_finite), kqsvd::InvalidArgument);
+}
+
+// What the rotation does, and for which method. K-SVD's latents K A are K's principal components: their
+// scales are K's singular values, so one outlier direction sets every block's scale, and a Hadamard that
+// spreads it makes the stored latents (turned back) several times closer to the exact ones. KQ-SVD's
+// key latents are whitened on the calibration data (Z^T Z = n I, checked here), every coordinate
+// already of the same scale: the rotation then changes the quantization error by no more than noise.
+TEST(LatentRotation, HadamardHelpsPrincipalComponentLatentsNotWhitenedOnes) {
+  const Index n = 400, d = 64, r = 32;
+  MatrixXd k = gaussian(n, d, 5);
+  k.col(0) *= 30.0;  // one outlier direction
+  const MatrixXd q = gaussian(n, d, 6);
+  kqsvd::GramAccumulator keys(d), queries(d);
+  keys.add(k);
+  queries.add(q);
+  const MatrixXd rotation = kqsvd::hadamard_rotation(r);
+  for (const Method method : {Method::k_svd, Method::kq_svd}) {
+    const auto projection = kqsvd::fit_projection<double>(method, keys, queries, RankSelection::fixed(r));
+    const MatrixXd latents = projection.compress(k);
+    const MatrixXd turned = projection.rotated(rotation).compress(k);
+    EXPECT_LT((turned - latents * rotation).norm(), 1e-10 * latents.norm());
+    if (method == Method::kq_svd) {
+      EXPECT_LT((latents.transpose() * latents / double(n) - MatrixXd::Identity(r, r)).norm(), 1e-9);
+    }
+    for (const char* name : {"int4", "int2", "q4_0", "int8"}) {
+      const kqsvd::StorageFormat format = kqsvd::StorageFormat::parse(name);
+      const double plain_error = (kqsvd::round_trip(format, latents).cast<double>() - latents).norm();
+      const double rotated_error =
+          (kqsvd::round_trip(format, turned).cast<double>() * rotation.transpose() - latents).norm();
+      if (method == Method::k_svd) {
+        EXPECT_LT(rotated_error, 0.4 * plain_error) << name << ": " << rotated_error << " vs " << plain_error;
+      } else {
+        EXPECT_NEAR(rotated_error / plain_error, 1.0, 0.05) << name;
+      }
+    }
+  }
+}
 }  // namespace kqsvd_test_model_projections

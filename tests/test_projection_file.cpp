@@ -105,6 +105,31 @@ TEST(ProjectionFile, RoundTripIsExact) {
   }
 }
 
+// A rotated file loads rotated, so that nothing truncates its mixed coordinates by mistake.
+TEST(ProjectionFile, KeepsWhetherTheLatentsAreRotated) {
+  const std::string path = (scratch_directory() / "rotated.safetensors").string();
+  const auto projections = kqsvd::hadamard_rotated(fitted(kqsvd::Method::kq_svd, RankSelection::fixed(4)));
+  ProjectionFile(projections, sample_info()).save(path);
+  EXPECT_EQ(SafetensorsFile(path).metadata().at("latent_basis"), "rotated");
+  const ProjectionFile loaded = ProjectionFile::load(path);
+  EXPECT_EQ(loaded.basis(), kqsvd::LatentBasis::rotated);
+  EXPECT_EQ(loaded.projections().values(1, 0).basis(), kqsvd::LatentBasis::rotated);
+  EXPECT_EQ(loaded.projections().keys(1, 0).encoder(), projections.keys(1, 0).encoder());
+  EXPECT_THROW(loaded.projections().truncated(kqsvd::RankAllocation::uniform(shape, 2, 2)), kqsvd::InvalidArgument);
+  // Some heads rotated and others not is refused: the file has one basis.
+  const auto plain = fitted(kqsvd::Method::kq_svd, RankSelection::fixed(4));
+  std::vector<kqsvd::LowRankProjection<float>> keys, values;
+  for (Index l = 0; l < shape.layers; ++l) {
+    for (Index h = 0; h < shape.kv_heads; ++h) {
+      keys.push_back(l == 0 ? projections.keys(l, h) : plain.keys(l, h));
+      values.push_back(projections.values(l, h));
+    }
+  }
+  expect_error<kqsvd::InvalidArgument>(
+      [&] { ProjectionFile(kqsvd::ModelProjections<float>(shape, keys, values), sample_info()); },
+      "mix rotated and unrotated heads (layer 1, KV head 0)");
+}
+
 TEST(ProjectionFile, TheLayoutIsTheDocumentedOne) {
   const std::string path = (scratch_directory() / "p.safetensors").string();
   const auto projections = fitted(kqsvd::Method::kq_svd, RankSelection::fixed(3));
@@ -121,6 +146,7 @@ TEST(ProjectionFile, TheLayoutIsTheDocumentedOne) {
   EXPECT_EQ(file.metadata().at("rope_theta"), "1000000");
   EXPECT_EQ(file.metadata().at("key_rank_selection"), "epsilon:0.05");
   EXPECT_EQ(file.metadata().at("value_rank_selection"), "rank:3");
+  EXPECT_EQ(file.metadata().at("latent_basis"), "ordered_by_importance");
   // The encoder read back through the generic reader is A itself.
   EXPECT_EQ(file.read_matrix<float>("layers.1.kv_heads.1.key.encoder"), projections.keys(1, 1).encoder());
 }
@@ -187,6 +213,7 @@ TEST(ProjectionFile, RejectsWrongOrMissingMetadata) {
   expect_rejected([](Contents& c) { c.metadata["rope_theta"] = "nan"; }, "rope_theta = 'nan'");
   expect_rejected([](Contents& c) { c.metadata["key_rank_selection"] = "rank:0"; }, "key_rank_selection = 'rank:0'");
   expect_rejected([](Contents& c) { c.metadata["calibration_tokens"] = "-1"; }, "calibration_tokens = '-1'");
+  expect_rejected([](Contents& c) { c.metadata["latent_basis"] = "sideways"; }, "latent_basis = 'sideways'");
 }
 
 TEST(ProjectionFile, RejectsMissingExtraOrMisshapenTensors) {

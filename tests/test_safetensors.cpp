@@ -46,13 +46,13 @@ std::string little_endian_u64(std::uint64_t value) {
 }
 
 std::uint16_t encode_one_16(DType dtype, double value) {
-  unsigned char bytes[2];
+  unsigned char bytes[8] = {};  // as large as any dtype: encode() switches on it at run time
   kqsvd::io::encode(dtype, &value, 1, bytes);
   return static_cast<std::uint16_t>(bytes[0] | (bytes[1] << 8));
 }
 
 std::uint16_t encode_one_16(DType dtype, float value) {
-  unsigned char bytes[2];
+  unsigned char bytes[8] = {};
   kqsvd::io::encode(dtype, &value, 1, bytes);
   return static_cast<std::uint16_t>(bytes[0] | (bytes[1] << 8));
 }

@@ -284,6 +284,28 @@ TEST(StorageFormat, RejectsBadInputByName) {
   expect_invalid([&] { kqsvd::encode_row(StorageFormat::parse("int4"), row); }, "beyond float16's range");
   expect_invalid([] { kqsvd::decode_row(StorageFormat::parse("q8_0"), std::vector<std::uint8_t>(33), 32); },
                  "argument 'bytes' holds 33 bytes, a q8_0 row of 32 elements has 34");
+  Eigen::MatrixXf rows = Eigen::MatrixXf::Ones(3, 32);
+  rows(2, 7) = std::numeric_limits<float>::quiet_NaN();
+  expect_invalid([&] { kqsvd::round_trip(StorageFormat::parse("q4_0"), rows); }, "at row 2, column 7");
+  expect_invalid([] { kqsvd::round_trip(StorageFormat::parse("q4_0"), Eigen::MatrixXf::Ones(2, 16)); },
+                 "argument 'rows' is 16, which q4_0 cannot hold");
+}
+
+// round_trip is encode_row then decode_row, row by row, and idempotent: stored values store exactly.
+TEST(StorageFormat, RoundTripIsWhatTheCacheHolds) {
+  const Eigen::MatrixXf rows = kqsvd::test::gaussian(5, 64, 3).cast<float>();
+  for (const kqsvd::StorageKind kind : kqsvd::all_storage_kinds) {
+    const StorageFormat format(kind);
+    const kqsvd::RowMatrix<float> stored = kqsvd::round_trip(format, rows);
+    for (Eigen::Index i = 0; i < rows.rows(); ++i) {
+      ASSERT_EQ(stored.row(i), kqsvd::decode_row(format, kqsvd::encode_row(format, rows.row(i)), 64)) << format.name();
+    }
+    if (kind != kqsvd::StorageKind::int2 && kind != kqsvd::StorageKind::int4) {
+      // Symmetric and float formats map stored values to themselves (asymmetric minimum/scale pairs may
+      // re-round the float16 minimum, so they are only checked to stay within a step below).
+      EXPECT_EQ(kqsvd::round_trip(format, stored), stored) << format.name();
+    }
+  }
 }
 
 }  // namespace kqsvd_test_storage_format

@@ -12,7 +12,7 @@
 //   core/         errors, the matrix vocabulary, model shapes, rotary embeddings
 //   calibration/  streaming Gram matrices of activations, per head and per model
 //   solvers/      the closed-form KQ-SVD projection, the baselines, rank selection and allocation
-//   cache/        storage formats and the per-head cache the kernels read
+//   cache/        the per-head cache the kernels read, and its byte accounting
 //   kernels/      the reference attention and the fused decode / prefill kernels
 //   metrics/      fidelity of projections, and what compression costs a model's predictions
 #pragma once
@@ -23,6 +23,7 @@
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/model_shape.hpp"
 #include "kqsvd/core/rope.hpp"
+#include "kqsvd/core/storage_format.hpp"
 
 #include "kqsvd/calibration/gram_accumulator.hpp"
 #include "kqsvd/calibration/model_calibration.hpp"
@@ -34,6 +35,7 @@
 #include "kqsvd/solvers/fit_options.hpp"
 #include "kqsvd/solvers/key_query_svd.hpp"
 #include "kqsvd/solvers/key_svd.hpp"
+#include "kqsvd/solvers/latent_rotation.hpp"
 #include "kqsvd/solvers/low_rank_projection.hpp"
 #include "kqsvd/solvers/method.hpp"
 #include "kqsvd/solvers/model_projections.hpp"
@@ -44,7 +46,6 @@
 #include "kqsvd/cache/head_cache.hpp"
 #include "kqsvd/cache/latent_compression.hpp"
 #include "kqsvd/cache/cache_footprint.hpp"
-#include "kqsvd/cache/storage_format.hpp"
 
 #include "kqsvd/kernels/decode_attention.hpp"
 #include "kqsvd/kernels/partial_attention.hpp"

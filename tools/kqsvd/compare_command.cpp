@@ -17,7 +17,7 @@ namespace kqsvd::cli {
 namespace {
 
 constexpr const char* compare_usage = R"(usage: kqsvd compare --calib FILES... --data FILES... (--rank R | --eps E) [--value-rank R]
-                     [--weights FILE] [--json] [--plot OUT.svg]
+                     [--weights FILE] [--latents FORMAT] [--json] [--plot OUT.svg]
 
 Fits all three methods -- kqsvd (KQ-SVD), ksvd (K-SVD), eigen (Eigen Attention) -- on the calibration
 files and measures them on the held-out --data files, with identical ranks in every head, so that
@@ -31,9 +31,13 @@ the errors compare methods and nothing else. One table (or a JSON list of eval's
                    baselines get the same per-head ranks (a fair comparison at equal cache size)
   --value-rank R   rank of every value projection instead
   --weights FILE   output-projection weights (default: those in the calibration or data files)
+  --latents FORMAT store every method's key and value latents in FORMAT (f32 f16 bf16 fp8_e4m3
+                   fp8_e5m2 int8 q8_0 q4_0 int4 int2, int4/B, int2/B) before reconstructing; block
+                   formats need ranks their blocks divide. Default: exact float32 latents
   --json           a JSON list of objects, one per method, as kqsvd eval --json prints
   --plot OUT.svg   also draw Q K^T and output errors vs. cache size for a sweep of ranks (keys and
-                   values at rank r in every head, r = head_dim/16 ... head_dim, 8 ranks); OUT.svg is replaced
+                   values at rank r in every head, r = head_dim/16 ... head_dim, 8 ranks; with --latents,
+                   vs. bits per element, at the ranks FORMAT holds); OUT.svg is replaced
 
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
@@ -60,9 +64,17 @@ std::string display_name(Method method) {
 }
 
 void write_plot(const std::string& path, const std::vector<ModelProjections<float>>& full, const EvaluationData& data,
-                const std::vector<WeightMatrix>& weights, const Calibration& calibration) {
+                const std::vector<WeightMatrix>& weights, const Calibration& calibration,
+                const std::optional<StorageFormat>& latent_format) {
   const ModelShape& shape = calibration.layout.shape;
-  const std::vector<long> ranks = sweep_ranks(shape.head_dim);
+  const StorageFormat format = latent_format.value_or(StorageFormat(StorageKind::f32));
+  std::vector<long> ranks;
+  for (const long rank : sweep_ranks(shape.head_dim)) {
+    if (rank % format.group_size(rank) == 0) ranks.push_back(rank);
+  }
+  if (ranks.empty()) {
+    throw UsageError("--plot: --latents " + format.name() + " holds none of the sweep's ranks");
+  }
   const std::size_t points = full.size() * ranks.size();
   std::vector<FidelityRow> rows(points);
   ProgressBar progress("plot sweep", points);
@@ -70,7 +82,9 @@ void write_plot(const std::string& path, const std::vector<ModelProjections<floa
     const std::size_t method = point / ranks.size();
     const long rank = ranks[point % ranks.size()];
     const ModelProjections<float> projections = full[method].truncated(RankAllocation::uniform(shape, rank, rank));
-    rows[point] = make_report(projections, data.measure(projections, weights), std::nullopt, data.tokens()).overall;
+    rows[point] =
+        make_report(projections, data.measure(projections, weights, latent_format), std::nullopt, data.tokens(), format)
+            .overall;
     progress.advance();
   });
   progress.finish();
@@ -80,7 +94,8 @@ void write_plot(const std::string& path, const std::vector<ModelProjections<floa
   plot.subtitle = std::to_string(calibration.tokens) + " calibration tokens, " + std::to_string(data.tokens()) +
                   " held-out tokens; keys and values at rank r of " + std::to_string(shape.head_dim) +
                   " in every head (r = " + std::to_string(ranks.front()) + " ... " + std::to_string(ranks.back()) + ")";
-  plot.x_label = "compressed KV cache size / full cache size";
+  plot.x_label = latent_format ? "bits per element of the full cache (" + format.name() + " latents)"
+                               : "compressed KV cache size / full cache size";
   PlotPanel scores, outputs;
   scores.title = "Attention logits Q K^T";
   scores.y_label = "relative error (err_qk)";
@@ -93,9 +108,10 @@ void write_plot(const std::string& path, const std::vector<ModelProjections<floa
     PlotSeries output_series = score_series;
     for (std::size_t r = 0; r < ranks.size(); ++r) {
       const FidelityRow& row = rows[m * ranks.size() + r];
-      score_series.x.push_back(row.compression);
+      const double x = latent_format ? row.bits_per_element : row.compression;
+      score_series.x.push_back(x);
       score_series.y.push_back(row.errors[qk]);
-      output_series.x.push_back(row.compression);
+      output_series.x.push_back(x);
       output_series.y.push_back(row.errors[out]);
     }
     scores.series.push_back(std::move(score_series));
@@ -114,6 +130,7 @@ int compare_command(const std::vector<std::string>& words) {
                                {"--eps", OptionKind::value},
                                {"--value-rank", OptionKind::value},
                                {"--weights", OptionKind::value},
+                               {"--latents", OptionKind::value},
                                {"--json", OptionKind::flag},
                                {"--plot", OptionKind::value}});
   if (args.help()) {
@@ -164,16 +181,19 @@ int compare_command(const std::vector<std::string>& words) {
     }
   }
 
+  const std::optional<StorageFormat> latent_format = parse_latent_format(args.value("--latents"), ranks);
+  const StorageFormat report_format = latent_format.value_or(StorageFormat(StorageKind::f32));
   std::vector<MethodReport> reports(full.size());
   {
     ProgressBar progress("evaluating", full.size());
     parallel_jobs(full.size(), [&](std::size_t m) {
       const ModelProjections<float> projections = full[m].truncated(ranks);
-      reports[m] = make_report(projections, data.measure(projections, weights), epsilon, data.tokens());
+      reports[m] = make_report(projections, data.measure(projections, weights, latent_format), epsilon, data.tokens(),
+                               report_format);
       progress.advance(to_string(all_methods[m]));
     });
   }
-  if (plot_path) write_plot(*plot_path, full, data, weights, calibration);
+  if (plot_path) write_plot(*plot_path, full, data, weights, calibration, latent_format);
 
   if (args.flag("--json")) {
     nlohmann::ordered_json list = nlohmann::ordered_json::array();
@@ -186,7 +206,8 @@ int compare_command(const std::vector<std::string>& words) {
             << ", rope " << io::rope_spelling(layout.metadata.rope) << ")\n"
             << "calibration: " << calibration.tokens << " tokens; evaluation: " << data.tokens()
             << " held-out tokens; identical ranks for every method: keys " << ranks.describe_keys() << ", values "
-            << ranks.describe_values() << (epsilon ? " (chosen from KQ-SVD's spectra)" : "") << "\n"
+            << ranks.describe_values() << (epsilon ? " (chosen from KQ-SVD's spectra)" : "") << "; latents "
+            << report_format.name() << (latent_format ? "" : " (exact)") << "\n"
             << "relative Frobenius errors (lower is better); compression = compressed / full KV cache\n\n";
   print_method_table(std::cout, reports);
   if (plot_path) std::cout << "\nplot: " << *plot_path << "\n";

@@ -1,6 +1,9 @@
 #include "data_set.hpp"
 
+#include <kqsvd/cache/cache_footprint.hpp>
+
 #include <iostream>
+#include <utility>
 
 #include "errors.hpp"
 #include "progress.hpp"
@@ -77,18 +80,44 @@ std::vector<WeightMatrix> EvaluationData::output_weights() const {
 
 std::vector<FidelityTotals> EvaluationData::measure(const ModelProjections<float>& projections,
                                                     const std::vector<WeightMatrix>& output_weights,
+                                                    const std::optional<StorageFormat>& latent_format,
                                                     ProgressBar* progress) const {
   std::vector<FidelityTotals> total(static_cast<std::size_t>(projections.shape().layers));
   for (const io::ActivationFile& file : files_) {
-    const std::vector<FidelityTotals> per_layer = io::measure(projections, file, output_weights);
+    const std::vector<FidelityTotals> per_layer = io::measure(projections, file, output_weights, latent_format);
     for (std::size_t l = 0; l < total.size(); ++l) total[l] += per_layer[l];
     if (progress != nullptr) progress->advance(file_name(file.path()));
   }
   return total;
 }
 
+std::optional<StorageFormat> parse_latent_format(const std::optional<std::string>& name, const RankAllocation& ranks) {
+  if (!name) return std::nullopt;
+  StorageFormat format = StorageFormat::parse("f32");
+  try {
+    format = StorageFormat::parse(*name);
+  } catch (const InvalidArgument& error) {
+    throw UsageError("--latents: " + std::string(error.what()));
+  }
+  const ModelShape& shape = ranks.shape();
+  for (Eigen::Index l = 0; l < shape.layers; ++l) {
+    for (Eigen::Index h = 0; h < shape.kv_heads; ++h) {
+      for (const auto& [kind, rank] : {std::pair{"key", ranks.key(l, h)}, std::pair{"value", ranks.value(l, h)}}) {
+        const Eigen::Index group = format.group_size(rank);
+        if (rank % group != 0) {
+          throw UsageError("--latents " + format.name() + " stores blocks of " + std::to_string(group) +
+                           " elements, but the " + kind + " rank of layer " + std::to_string(l) + ", KV head " +
+                           std::to_string(h) + " is " + std::to_string(rank) + "; use ranks that are multiples of " +
+                           std::to_string(group) + " or a format without blocks (f16, bf16, fp8_e4m3, int8)");
+        }
+      }
+    }
+  }
+  return format;
+}
+
 MethodReport make_report(const ModelProjections<float>& projections, const std::vector<FidelityTotals>& per_layer,
-                         std::optional<double> epsilon, long tokens) {
+                         std::optional<double> epsilon, long tokens, const StorageFormat& latent_format) {
   const ModelShape& shape = projections.shape();
   MethodReport report;
   report.method = to_string(projections.method());
@@ -105,18 +134,25 @@ MethodReport make_report(const ModelProjections<float>& projections, const std::
   report.value_description = ranks.describe_values();
   report.epsilon = epsilon;
   report.tokens = tokens;
+  report.latent_format = latent_format.name();
   FidelityTotals overall;
   for (std::size_t l = 0; l < per_layer.size(); ++l) {
     FidelityRow row;
     for (std::size_t m = 0; m < all_fidelity_metrics.size(); ++m) row.errors[m] = per_layer[l].relative_error(all_fidelity_metrics[m]);
-    long kept = 0;
-    for (std::size_t h = 0; h < report.key_ranks[l].size(); ++h) kept += report.key_ranks[l][h] + report.value_ranks[l][h];
-    row.compression = static_cast<double>(kept) / static_cast<double>(2 * shape.kv_heads * shape.head_dim);
+    long kept = 0, bytes = 0;
+    for (std::size_t h = 0; h < report.key_ranks[l].size(); ++h) {
+      kept += report.key_ranks[l][h] + report.value_ranks[l][h];
+      bytes += latent_format.bytes_per_row(report.key_ranks[l][h]) + latent_format.bytes_per_row(report.value_ranks[l][h]);
+    }
+    const auto full_elements = static_cast<double>(2 * shape.kv_heads * shape.head_dim);
+    row.compression = static_cast<double>(kept) / full_elements;
+    row.bits_per_element = 8.0 * static_cast<double>(bytes) / full_elements;
     report.layers.push_back(row);
     overall += per_layer[l];
   }
   for (std::size_t m = 0; m < all_fidelity_metrics.size(); ++m) report.overall.errors[m] = overall.relative_error(all_fidelity_metrics[m]);
   report.overall.compression = ranks.compression_ratio();
+  report.overall.bits_per_element = latent_cache_footprint(ranks, latent_format).bits_per_element();
   return report;
 }
 

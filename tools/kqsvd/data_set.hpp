@@ -7,6 +7,7 @@
 //   std::vector<FidelityTotals> per_layer = data.measure(projections, weights);
 #pragma once
 
+#include <kqsvd/core/storage_format.hpp>
 #include <kqsvd/calibration/model_calibration.hpp>
 #include <kqsvd/io/activation_evaluation.hpp>
 #include <kqsvd/io/activation_file.hpp>
@@ -55,16 +56,23 @@ class EvaluationData {
   std::vector<WeightMatrix> output_weights() const;
 
   // Per-layer fidelity totals summed over every file; advances `progress` (if given) once per file.
+  // latent_format: the latents' storage format (FidelityOptions::latent_format), unset: exact.
   std::vector<FidelityTotals> measure(const ModelProjections<float>& projections,
                                       const std::vector<WeightMatrix>& output_weights,
+                                      const std::optional<StorageFormat>& latent_format,
                                       ProgressBar* progress = nullptr) const;
 
  private:
   std::vector<io::ActivationFile> files_;
 };
 
-// The table/JSON row of per-layer totals: relative errors and the layer's compressed / full cache size.
+// The table/JSON row of per-layer totals: relative errors, the layer's compressed / full cache size and
+// its bits per element with the latents in latent_format.
 MethodReport make_report(const ModelProjections<float>& projections, const std::vector<FidelityTotals>& per_layer,
-                         std::optional<double> epsilon, long tokens);
+                         std::optional<double> epsilon, long tokens, const StorageFormat& latent_format);
+
+// --latents FORMAT: the format, checked against every rank of `ranks` (a UsageError naming the rank a
+// block format cannot hold); absent: f32, with the latents kept exact.
+std::optional<StorageFormat> parse_latent_format(const std::optional<std::string>& name, const RankAllocation& ranks);
 
 }  // namespace kqsvd::cli

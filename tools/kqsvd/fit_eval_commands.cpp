@@ -1,10 +1,13 @@
 // kqsvd fit and kqsvd eval: make a projection file from calibration activations, and measure one on
 // held-out activations.
 #include <kqsvd/io/projection_file.hpp>
+#include <kqsvd/io/sensitivity_file.hpp>
+#include <kqsvd/solvers/latent_rotation.hpp>
 
 #include <sys/stat.h>
 
 #include <iostream>
+#include <sstream>
 
 #include "arguments.hpp"
 #include "commands.hpp"
@@ -17,8 +20,9 @@ namespace kqsvd::cli {
 
 namespace {
 
-constexpr const char* fit_usage = R"(usage: kqsvd fit --calib FILES... --method kqsvd|ksvd|eigen (--rank R | --eps E)
-                 [--value-rank R] [--weights FILE] --out PROJ.safetensors [--force]
+constexpr const char* fit_usage = R"(usage: kqsvd fit --calib FILES... --method kqsvd|ksvd|eigen (--rank R | --eps E | --budget B)
+                 [--value-rank R] [--sensitivity FILE] [--budget-sharing joint|separate]
+                 [--latents FORMAT] [--weights FILE] [--rotate hadamard] --out PROJ.safetensors [--force]
 
 Fits a key and a value projection for every layer and KV head from calibration activations
 (docs/activations.md) and writes them, with their spectra and metadata, to PROJ.safetensors.
@@ -30,25 +34,43 @@ The files are streamed one at a time: memory does not grow with their number or 
   --eps E          per head, the smallest rank whose predicted relative error (of the method's own
                    objective on the calibration data) is <= E, 0 < E < 1
   --value-rank R   rank of the value projections (default: as chosen by --rank / --eps)
+  --budget B       spend B, in (0, 1], of the full cache's bytes per token (keys and values, all
+                   layers, full rows in the --latents format) on per-head ranks. Without
+                   --sensitivity: the same rank in every projection, the largest that fits -- it
+                   needs no model and beat every spectrum-only per-head rule we measured
+                   (docs/end-to-end.md). With --sensitivity: the loss-aware allocation
+                   (kqsvd::loss_aware_allocation), optimal for the measured weights.
+  --sensitivity FILE  loss weights per layer (docs/sensitivity.md; kqsvd-llama probe writes them) for
+                   the same model, method and RoPE mode; needs --budget
+  --budget-sharing S  joint (default): keys and values draw on one budget; separate: half each
+  --latents FORMAT the storage format the budget is counted in (default f32): ranks become multiples
+                   of its block, bytes include its scales
   --weights FILE   output-projection weights (layers.{l}.o_proj or a Hugging Face
                    model.layers.{l}.self_attn.o_proj.weight); default: those in the calibration
                    files. KQ-SVD needs them for values.
+  --rotate hadamard  rotate every projection's latents by a Hadamard matrix (kqsvd::hadamard_rotated):
+                   the same scores and outputs, with outliers spread over the latent coordinates for
+                   a quantized latent cache (see kqsvd eval --latents); the file cannot be truncated
   --out FILE       the projection file, written atomically (never left half-written)
   --force          replace --out if it exists (otherwise that is an error)
 
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
-constexpr const char* eval_usage = R"(usage: kqsvd eval --proj PROJ.safetensors --data FILES... [--weights FILE] [--json]
+constexpr const char* eval_usage = R"(usage: kqsvd eval --proj PROJ.safetensors --data FILES... [--weights FILE] [--latents FORMAT]
+                  [--json]
 
 Measures a projection file on held-out activations: the relative errors of K, Q, V, Q K^T, V W^T,
 the causal softmax and the attention output (after the output projection), per layer and overall,
-and the compressed cache's size relative to the full cache.
+the compressed cache's size relative to the full cache, and its bits per element.
 
-  --proj FILE      a projection file written by kqsvd fit
-  --data FILES     activation files of the same model and RoPE mode
-  --weights FILE   output-projection weights (default: those in the data files)
-  --json           one JSON object instead of the table
+  --proj FILE        a projection file written by kqsvd fit
+  --data FILES       activation files of the same model and RoPE mode
+  --weights FILE     output-projection weights (default: those in the data files)
+  --latents FORMAT   store the key and value latents in FORMAT before reconstructing: f32 f16 bf16
+                     fp8_e4m3 fp8_e5m2 int8 q8_0 q4_0 int4 int2 (int4/B, int2/B: blocks of B, default
+                     32); block formats need ranks their blocks divide. Default: exact float32 latents
+  --json             one JSON object instead of the table
 
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
@@ -86,8 +108,13 @@ int fit_command(const std::vector<std::string>& words) {
                                {"--method", OptionKind::value},
                                {"--rank", OptionKind::value},
                                {"--eps", OptionKind::value},
+                               {"--budget", OptionKind::value},
+                               {"--sensitivity", OptionKind::value},
+                               {"--budget-sharing", OptionKind::value},
+                               {"--latents", OptionKind::value},
                                {"--value-rank", OptionKind::value},
                                {"--weights", OptionKind::value},
+                               {"--rotate", OptionKind::value},
                                {"--out", OptionKind::value},
                                {"--force", OptionKind::flag}});
   if (args.help()) {
@@ -96,10 +123,36 @@ int fit_command(const std::vector<std::string>& words) {
   }
   const std::vector<std::string> calib = args.required_list("--calib");
   const Method method = parse_method_option(args.required_value("--method"));
-  args.require_one_of("--rank", "--eps");
+  const int rank_choices = (args.value("--rank") ? 1 : 0) + (args.value("--eps") ? 1 : 0) + (args.value("--budget") ? 1 : 0);
+  if (rank_choices != 1) throw UsageError("give exactly one of --rank, --eps and --budget");
   const std::optional<long> rank = args.positive_integer("--rank");
   const std::optional<double> epsilon = args.fraction("--eps");
+  const std::optional<double> budget_fraction = args.number_above("--budget", 0.0, 1.0);
   const std::optional<long> value_rank = args.positive_integer("--value-rank");
+  const std::optional<std::string> sensitivity_path = args.value("--sensitivity");
+  const std::optional<std::string> sharing_name = args.value("--budget-sharing");
+  const std::optional<std::string> latents_name = args.value("--latents");
+  if (!budget_fraction) {
+    for (const char* option : {"--sensitivity", "--budget-sharing", "--latents"}) {
+      if (args.value(option)) throw UsageError(std::string(option) + " needs --budget");
+    }
+  } else if (value_rank) {
+    throw UsageError("--value-rank goes with --rank or --eps; --budget chooses value ranks too");
+  }
+  if (sharing_name && *sharing_name != "joint" && *sharing_name != "separate") {
+    throw UsageError("--budget-sharing must be joint or separate, got '" + *sharing_name + "'");
+  }
+  const BudgetSharing sharing = sharing_name && *sharing_name == "separate" ? BudgetSharing::separate : BudgetSharing::joint;
+  StorageFormat latents;
+  if (latents_name) {
+    try {
+      latents = StorageFormat::parse(*latents_name);
+    } catch (const InvalidArgument& error) {
+      throw UsageError("--latents: " + std::string(error.what()));
+    }
+  }
+  const std::optional<std::string> rotate = args.value("--rotate");
+  if (rotate && *rotate != "hadamard") throw UsageError("--rotate must be hadamard, got '" + *rotate + "'");
   const std::string out = args.required_value("--out");
   const bool force = args.flag("--force");
   // Checked first so that a long fit is not thrown away at the end; the atomic write checks again.
@@ -108,7 +161,44 @@ int fit_command(const std::vector<std::string>& words) {
   const io::ActivationLayout layout = read_layout(calib.front());
   if (rank) require_rank_within("--rank", *rank, layout);
   if (value_rank) require_rank_within("--value-rank", *value_rank, layout);
-  const RankSelection key_selection = rank ? RankSelection::fixed(*rank) : RankSelection::error_budget(*epsilon);
+  std::optional<MemoryBudget> budget;
+  std::optional<io::Sensitivity> sensitivity;
+  if (budget_fraction) {
+    budget = MemoryBudget::fraction_of_full_cache(*budget_fraction);
+    if (latents.width_multiple() > 1 && layout.shape.head_dim % latents.width_multiple() != 0) {
+      throw UsageError("--latents " + latents.name() + " stores blocks of " + std::to_string(latents.width_multiple()) +
+                       ", which do not divide head_dim " + std::to_string(layout.shape.head_dim));
+    }
+    // The least a budget must hold: the smallest rank the format stores, in every projection.
+    const std::int64_t least = 2 * layout.shape.layers * layout.shape.kv_heads * latents.bytes_per_row(latents.width_multiple());
+    const std::int64_t full = 2 * layout.shape.layers * layout.shape.kv_heads * latents.bytes_per_row(layout.shape.head_dim);
+    if (budget->bytes_for(layout.shape, latents) < least) {
+      std::ostringstream smallest;
+      smallest << static_cast<double>(least) / static_cast<double>(full);
+      throw UsageError("--budget " + *args.value("--budget") + " is less than rank " + std::to_string(latents.width_multiple()) +
+                       " in every key and value projection costs in " + latents.name() + ": at least " + smallest.str() +
+                       " of the full cache");
+    }
+    if (sensitivity_path) {
+      sensitivity = io::read_sensitivity_file(*sensitivity_path, layout.shape);
+      const auto mismatch = [&](const std::string& what, const std::string& file_value, const std::string& ours) {
+        throw DataError("--sensitivity '" + *sensitivity_path + "' was measured for " + what + " " + file_value + ", but " +
+                        ours);
+      };
+      if (sensitivity->method != method) {
+        mismatch("method", to_string(sensitivity->method), "--method is " + std::string(to_string(method)));
+      }
+      if (sensitivity->rope != layout.metadata.rope) {
+        mismatch("rope", io::rope_spelling(sensitivity->rope),
+                 "the calibration files have rope " + std::string(io::rope_spelling(layout.metadata.rope)));
+      }
+      if (!sensitivity->model.empty() && !layout.metadata.model.empty() && sensitivity->model != layout.metadata.model) {
+        mismatch("model", "'" + sensitivity->model + "'", "the calibration files are of '" + layout.metadata.model + "'");
+      }
+    }
+  }
+  const RankSelection key_selection =
+      rank ? RankSelection::fixed(*rank) : epsilon ? RankSelection::error_budget(*epsilon) : RankSelection::fixed(layout.shape.head_dim);
   const RankSelection value_selection = value_rank ? RankSelection::fixed(*value_rank) : key_selection;
 
   const Calibration calibration = calibrate_files(calib);
@@ -118,16 +208,38 @@ int fit_command(const std::vector<std::string>& words) {
     throw DataError("KQ-SVD fits values to the output projection, but the calibration files hold no layers.{l}.o_proj; "
                     "give --weights FILE");
   }
-  const auto projections =
+  ModelProjections<float> fitted =
       ModelProjections<float>::fit(calibration.statistics, weights, method, key_selection, value_selection);
+  std::string rank_allocation;
+  if (budget) {
+    // Fitted at full rank above; every method orders its directions, so truncating is fitting lower.
+    std::ostringstream description;
+    description << budget->to_string() << " in " << latents.name();
+    if (sensitivity) {
+      LossAwareOptions options;
+      options.format = latents;
+      options.sharing = sharing;
+      const LossAwareAllocation allocation = loss_aware_allocation(fitted, sensitivity->weights, *budget, options);
+      fitted = fitted.truncated(allocation.ranks);
+      rank_allocation = "loss-aware, " + description.str() + ", " + to_string(sharing) + " budget, sensitivity '" +
+                        *sensitivity_path + "'";
+    } else {
+      fitted = fitted.truncated(uniform_allocation(layout.shape, *budget, latents));
+      rank_allocation = "uniform, " + description.str();
+    }
+  }
+  const ModelProjections<float> projections = rotate ? hadamard_rotated(fitted) : fitted;
 
   io::ProjectionInfo info;
   info.model = layout.metadata.model;
   info.rope = layout.metadata.rope;
   info.rope_style = layout.metadata.rope_style;
   info.rope_theta = layout.metadata.rope_theta;
-  info.key_rank = key_selection;
-  info.value_rank = value_selection;
+  if (!budget) {
+    info.key_rank = key_selection;
+    info.value_rank = value_selection;
+  }
+  info.rank_allocation = rank_allocation;
   info.calibration_tokens = calibration.tokens;
   info.producer = tool_version();
   io::ProjectionFile(projections, info).save(out, force);
@@ -135,7 +247,8 @@ int fit_command(const std::vector<std::string>& words) {
   std::cout << "wrote " << out << ": " << to_string(method) << " projections of "
             << describe_model(layout.shape, layout.metadata.model, layout.metadata.rope) << "; key rank "
             << projections.ranks().describe_keys() << ", value rank " << projections.ranks().describe_values()
-            << ", compression " << projections.ranks().compression_ratio() << "; calibrated on " << calibration.tokens
+            << ", compression " << projections.ranks().compression_ratio() << (rotate ? ", latents rotated" : "")
+            << "; calibrated on " << calibration.tokens
             << " tokens from " << calib.size() << (calib.size() == 1 ? " file" : " files") << "\n";
   return exit_success;
 }
@@ -144,6 +257,7 @@ int eval_command(const std::vector<std::string>& words) {
   const Arguments args(words, {{"--proj", OptionKind::value},
                                {"--data", OptionKind::list},
                                {"--weights", OptionKind::value},
+                               {"--latents", OptionKind::value},
                                {"--json", OptionKind::flag}});
   if (args.help()) {
     std::cout << eval_usage;
@@ -154,6 +268,8 @@ int eval_command(const std::vector<std::string>& words) {
 
   const io::ProjectionFile projection_file = io::ProjectionFile::load(proj);
   const io::ProjectionInfo& info = projection_file.info();
+  const std::optional<StorageFormat> latent_format =
+      parse_latent_format(args.value("--latents"), projection_file.projections().ranks());
   const io::ActivationLayout expected{projection_file.shape(),
                                       io::ActivationMetadata{info.model, info.rope, info.rope_style, info.rope_theta}, proj};
   const EvaluationData data(data_paths, expected, /*require_same_model=*/false);
@@ -166,11 +282,13 @@ int eval_command(const std::vector<std::string>& words) {
   std::vector<FidelityTotals> per_layer;
   {
     ProgressBar progress("evaluating", data.files().size());
-    per_layer = data.measure(projection_file.projections(), weights, &progress);
+    per_layer = data.measure(projection_file.projections(), weights, latent_format, &progress);
   }
   std::optional<double> epsilon;
   if (info.key_rank && !info.key_rank->is_fixed()) epsilon = info.key_rank->epsilon();
-  const MethodReport report = make_report(projection_file.projections(), per_layer, epsilon, data.tokens());
+  MethodReport report = make_report(projection_file.projections(), per_layer, epsilon, data.tokens(),
+                                     latent_format.value_or(StorageFormat(StorageKind::f32)));
+  report.rank_allocation = info.rank_allocation;
 
   if (args.flag("--json")) {
     std::cout << to_json(report).dump(2) << "\n";
@@ -178,8 +296,9 @@ int eval_command(const std::vector<std::string>& words) {
   }
   std::cout << report.method << " projections of " << describe_model(projection_file.shape(), info.model, info.rope)
             << "\nkey rank " << report.key_description << ", value rank " << report.value_description
-            << "; evaluated on " << data.tokens() << " tokens from " << data_paths.size()
-            << (data_paths.size() == 1 ? " file" : " files") << " (relative Frobenius errors)\n\n";
+            << (report.rank_allocation.empty() ? "" : " (" + report.rank_allocation + ")") << ", latents " << report.latent_format << (latent_format ? "" : " (exact)") << "; evaluated on "
+            << data.tokens() << " tokens from " << data_paths.size() << (data_paths.size() == 1 ? " file" : " files")
+            << " (relative Frobenius errors)\n\n";
   print_layer_table(std::cout, report);
   return exit_success;
 }

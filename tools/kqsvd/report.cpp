@@ -56,19 +56,24 @@ nlohmann::ordered_json row_json(const FidelityRow& row) {
   nlohmann::ordered_json object = nlohmann::ordered_json::object();
   for (std::size_t i = 0; i < row.errors.size(); ++i) object[error_keys()[i]] = row.errors[i];
   object["compression"] = row.compression;
+  object["bits_per_element"] = row.bits_per_element;
   return object;
 }
 
 int column_width(const std::string& title) { return std::max<int>(10, static_cast<int>(title.size()) + 2); }
 
 void print_header(std::ostream& out, const std::string& first, int first_width) {
-  out << std::left << std::setw(first_width) << first << std::right << std::setw(15) << "compression";
+  out << std::left << std::setw(first_width) << first << std::right << std::setw(15) << "compression"
+      << std::setw(11) << "bits/elem";
   for (const std::string& title : error_keys()) out << std::setw(column_width(title)) << title;
   out << '\n';
 }
 
 void print_row(std::ostream& out, const std::string& first, int first_width, const FidelityRow& row) {
-  out << std::left << std::setw(first_width) << first << std::right << std::setw(15) << format_compression(row.compression);
+  char bits[32];
+  std::snprintf(bits, sizeof bits, "%.3g", row.bits_per_element);
+  out << std::left << std::setw(first_width) << first << std::right << std::setw(15) << format_compression(row.compression)
+      << std::setw(11) << bits;
   for (std::size_t i = 0; i < row.errors.size(); ++i) {
     out << std::setw(column_width(error_keys()[i])) << format_error(row.errors[i]);
   }
@@ -83,6 +88,7 @@ nlohmann::ordered_json to_json(const MethodReport& report) {
   object["rank"] = rank_value(report.key_ranks);
   object["value_rank"] = rank_value(report.value_ranks);
   if (report.epsilon) object["epsilon"] = *report.epsilon;
+  if (!report.rank_allocation.empty()) object["rank_allocation"] = report.rank_allocation;
   object["tokens"] = report.tokens;
   nlohmann::ordered_json layers = nlohmann::ordered_json::array();
   for (std::size_t l = 0; l < report.layers.size(); ++l) {
@@ -95,6 +101,7 @@ nlohmann::ordered_json to_json(const MethodReport& report) {
   }
   object["layers"] = std::move(layers);
   object["overall"] = row_json(report.overall);
+  object["latents"] = report.latent_format;
   return object;
 }
 

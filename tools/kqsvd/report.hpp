@@ -3,12 +3,13 @@
 // The JSON object (key names are a stable interface; `compare` prints a list of them):
 //   {"method": "kqsvd", "rank": 16, "value_rank": 16, "tokens": 512,
 //    "layers": [{"layer": 0, "err_k": ..., "err_q": ..., "err_v": ..., "err_qk": ..., "err_vo": ...,
-//                "err_softmax": ..., "err_out": ..., "compression": ..., "key_ranks": [...],
-//                "value_ranks": [...]}, ...],
-//    "overall": {"err_k": ..., ..., "compression": ...}}
+//                "err_softmax": ..., "err_out": ..., "compression": ..., "bits_per_element": ...,
+//                "key_ranks": [...], "value_ranks": [...]}, ...],
+//    "overall": {"err_k": ..., ..., "compression": ..., "bits_per_element": ...}, "latents": "f32"}
 // "rank" / "value_rank" are integers when every head has the same rank, else the mean over heads;
 // "epsilon" is present when ranks were chosen by an error budget. "compression" is the compressed
-// cache's size over the full cache's (0.25: four times smaller).
+// cache's size over the full cache's (0.25: four times smaller) in elements; "bits_per_element" what the
+// latents cost in "latents" format (scales and minimums counted) per element of the full cache.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -25,6 +26,7 @@ namespace kqsvd::cli {
 struct FidelityRow {
   std::array<double, 7> errors{};
   double compression = 0.0;
+  double bits_per_element = 0.0;
 };
 
 struct MethodReport {
@@ -33,6 +35,8 @@ struct MethodReport {
   std::vector<std::vector<long>> value_ranks;
   std::string key_description, value_description;  // RankAllocation::describe_keys() / describe_values()
   std::optional<double> epsilon;              // when ranks came from an error budget
+  std::string rank_allocation;                // how ranks were spent on a memory budget (fit --budget); or empty
+  std::string latent_format;                  // StorageFormat::name() of the latents
   long tokens = 0;                            // evaluation tokens (per head)
   std::vector<FidelityRow> layers;
   FidelityRow overall;

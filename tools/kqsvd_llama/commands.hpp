@@ -11,5 +11,6 @@ namespace kqsvd::cli {
 int quality_command(const std::vector<std::string>& words);
 int generate_command(const std::vector<std::string>& words);
 int capture_command(const std::vector<std::string>& words);
+int probe_command(const std::vector<std::string>& words);
 
 }  // namespace kqsvd::cli

@@ -5,6 +5,8 @@
 //       --text data/text/tinystories/tinystories_sample.txt --calib-stories 0:200 --eval-stories 2100:2120
 //   kqsvd-llama generate --model ... --tokenizer ... --prompt "Once upon a time" --method kqsvd --rank 16 --text ...
 //   kqsvd-llama capture --model ... --tokenizer ... --text ... --stories 0:8 --out calib.safetensors
+//   kqsvd-llama probe --model ... --tokenizer ... --text ... --calib-stories 0:200 --probe-stories 200:216
+//       --method kqsvd --ratio 0.25 --out sensitivity.json
 //
 // Exit codes: 0 success, 1 unusable data or files, 2 bad command line; errors are one line on stderr.
 #include "commands.hpp"
@@ -21,6 +23,7 @@ commands:
              speed, for every method, ratio, RoPE mode, rank allocation and recent window
   generate   greedy generation with the full cache or a compressed one
   capture    save attention activations of text for the kqsvd tool (docs/activations.md)
+  probe      measure each layer's loss sensitivity: a sensitivity file for kqsvd fit --budget
 
   --version  print the version
 )";
@@ -30,6 +33,7 @@ commands:
 int main(int argc, char** argv) {
   using namespace kqsvd::cli;
   return run_tool("kqsvd-llama", tool_usage,
-                  {{"quality", quality_command}, {"generate", generate_command}, {"capture", capture_command}}, argc,
+                  {{"quality", quality_command}, {"generate", generate_command}, {"capture", capture_command},
+                   {"probe", probe_command}}, argc,
                   argv);
 }

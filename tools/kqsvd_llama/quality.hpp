@@ -16,9 +16,10 @@
 namespace kqsvd::cli {
 
 struct QualityRow {
-  std::string rope = "-", method = "full", allocation = "-", format = "f32";
+  std::string rope = "-", method = "full", allocation = "-", format = "f32", rotation = "none";
   Eigen::Index rank = 0, window = 0;
   double epsilon = std::numeric_limits<double>::quiet_NaN();
+  std::string key_ranks, value_ranks;  // RankAllocation::describe_keys() / describe_values()
   double target = 1.0, ratio = 1.0, bits_per_element = 0.0;
   NextTokenComparison comparison;
   double bytes_per_token_layer = 0.0;  // measured: bytes() after each story over tokens x layers held
@@ -44,6 +45,19 @@ class QualityEvaluator {
   Sequences stories_;
   std::vector<RowMatrix<float>> reference_;
 };
+
+// The loss sensitivity of every layer and kind (keys, values), measured on the evaluator's stories: for
+// each, only that layer's keys (or values) are compressed to `rank` -- every other projection kept at full
+// rank, which reconstructs exactly -- and w = (KL of that cache - KL at full rank) / the layer's predicted
+// squared relative error at `rank` (kqsvd::predicted_loss with that term's weight 1). A first-order model
+// of the loss: KL ~ sum_{layer, kind} w * err^2. 2 x layers evaluations, in parallel.
+struct SensitivityProbe {
+  LossWeights weights;
+  std::vector<double> key_kl, value_kl;  // per layer: the KL increase measured
+  double exact_kl = 0.0;                  // every projection at full rank (rounding only)
+};
+SensitivityProbe measure_sensitivity(const QualityEvaluator& probe, const ModelProjections<float>& full_rank,
+                                     const CacheConfiguration& configuration, Eigen::Index rank);
 
 // "KQ-SVD", "K-SVD", "Eigen Attention": the names plots show.
 std::string display_name(Method method);

@@ -14,6 +14,8 @@
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
+#include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -33,8 +35,9 @@ namespace {
 
 constexpr const char* quality_usage = R"(usage: kqsvd-llama quality --model M.bin --tokenizer tok.bin --text stories.txt
            --calib-stories A:B --eval-stories C:D [--max-tokens T] [--ratios 0.25,0.5,0.75]
-           [--window W] [--format f32] [--methods kqsvd,ksvd,eigen] [--rope post,pre]
-           [--allocations uniform,eps] [--decode-tokens N] [--json OUT.json] [--plot OUT.svg]
+           [--window W] [--format f32] [--rotate none,hadamard] [--methods kqsvd,ksvd,eigen]
+           [--rope post,pre] [--allocations uniform,eps,layer-eps,loss-aware,loss-aware-separate]
+           [--probe-stories E:F] [--decode-tokens N] [--json OUT.json] [--plot OUT.svg]
 
 What compressing the KV cache costs the model on held-out text. Projections are calibrated on the
 --calib-stories (one prefill per story, exact cache; rotated queries and keys for post-RoPE, un-rotated
@@ -42,7 +45,14 @@ for pre-RoPE) and fitted at full rank once per method and RoPE mode; each compre
 truncates them, per --allocations:
   uniform  every key and value projection at rank round(ratio * head_dim);
   eps      per-head ranks from one error budget epsilon (each projection's predicted relative error
-           <= epsilon), epsilon bisected so that the ratio matches the target.
+           <= epsilon), epsilon bisected so that the ratio matches the target;
+  layer-eps  the authors' rule: one rank per layer for keys and one for values, the smallest whose
+           mean predicted relative error over the layer's KV heads is <= epsilon, epsilon bisected;
+  loss-aware  the ranks that minimise sum_{layer, kind} w * err^2 within the budget (the ratio's share
+           of the full cache's bytes in --format; kqsvd::loss_aware_allocation), keys and values on one
+           budget, with weights w measured on the --probe-stories (as kqsvd-llama probe does, at the
+           ratio's uniform rank);
+  loss-aware-separate  the same with keys and values each on half the budget.
 Each --eval-stories story runs as one prefill block through the compressed cache (the per-query window
 makes that identical to token-by-token decoding) and through the exact cache. Per predicted token: NLL
 of the true next token; top-1 agreement with the full-cache model; KL(full || compressed). Decode speed:
@@ -53,10 +63,15 @@ kernels doing the attention; run with OMP_NUM_THREADS=1 for stable numbers.
   --text                 stories separated by <|endoftext|>
   --calib-stories A:B    stories [A, B) calibrate the projections
   --eval-stories C:D     stories [C, D) are evaluated (keep them disjoint from the calibration)
+  --probe-stories E:F    stories [E, F) measure the loss sensitivity for the loss-aware allocations
+                         (keep them disjoint from the evaluation stories)
   --max-tokens T         tokens per story, BOS included (default: the model's seq_len)
   --ratios R,...         target ratios in (0, 1]: latent elements / full-cache elements, window excluded
   --window W             also evaluate with the most recent W tokens exact (default 32; 0: only W = 0)
   --format F             how latents are stored (default f32; f16, bf16, fp8_e4m3, int8, q8_0, ...)
+  --rotate R,...         none (default) and/or hadamard: rotate the truncated projections' latents by
+                         a Hadamard matrix before storing them (same scores, flatter latents for a
+                         quantized --format; kqsvd::hadamard_rotated); one row per choice
   --decode-tokens N      tokens decoded one by one to time each cache (default 64; 0: no timing)
   --json OUT.json        every row, with the command line, as JSON
   --plot OUT.svg         NLL and KL against the compression ratio
@@ -72,18 +87,21 @@ std::string fixed(double value, int digits) {
 
 std::string rank_label(const QualityRow& row) {
   if (row.allocation == "uniform") return "r=" + std::to_string(row.rank);
-  if (row.allocation == "eps") {
+  if (row.allocation == "eps" || row.allocation == "layer-eps") {
     std::ostringstream out;
-    out << "eps=" << std::setprecision(3) << row.epsilon;
+    out << (row.allocation == "eps" ? "eps=" : "leps=") << std::setprecision(3) << row.epsilon;
     return out.str();
   }
+  if (row.allocation == "loss-aware") return "loss-aware";
+  if (row.allocation == "loss-aware-separate") return "loss-aw-sep";
   return "-";
 }
 
 void print_table(std::ostream& out, const std::vector<QualityRow>& rows, const QualityRow& full) {
   const std::vector<std::pair<std::string, int>> columns = {
-      {"rope", 5}, {"method", 7},  {"ranks", 12}, {"W", 4},    {"target", 7}, {"ratio", 7},       {"NLL", 7},
-      {"PPL", 7},  {"dNLL", 8},    {"+-se", 6},   {"top1%", 7}, {"KL", 8},    {"B/tok/L", 8}, {"tok/s", 8}};
+      {"rope", 5}, {"method", 7}, {"ranks", 12}, {"W", 4},      {"rotate", 9}, {"target", 7}, {"ratio", 7},
+      {"NLL", 7},  {"PPL", 7},    {"dNLL", 8},   {"+-se", 6},   {"top1%", 7},  {"KL", 8},     {"B/tok/L", 8},
+      {"tok/s", 8}};
   for (const auto& [name, width] : columns) out << std::setw(width) << name << ' ';
   out << '\n';
   const auto print = [&](const QualityRow& row) {
@@ -92,6 +110,7 @@ void print_table(std::ostream& out, const std::vector<QualityRow>& rows, const Q
                                             row.method,
                                             rank_label(row),
                                             std::to_string(row.window),
+                                            row.rotation,
                                             fixed(row.target, 2),
                                             fixed(row.ratio, 3),
                                             fixed(m.mean_nll(), 4),
@@ -108,7 +127,7 @@ void print_table(std::ostream& out, const std::vector<QualityRow>& rows, const Q
   print(full);
   std::string section;
   for (const QualityRow& row : rows) {
-    const std::string key = row.rope + row.allocation + std::to_string(row.window);
+    const std::string key = row.rope + row.allocation + row.rotation + std::to_string(row.window);
     if (key != section) out << '\n';
     section = key;
     print(row);
@@ -126,8 +145,11 @@ nlohmann::ordered_json row_json(const QualityRow& row) {
           {"ranks", row.allocation},
           {"rank", row.rank},
           {"epsilon", number(row.epsilon)},
+          {"key_ranks", row.key_ranks},
+          {"value_ranks", row.value_ranks},
           {"window", row.window},
           {"format", row.format},
+          {"rotation", row.rotation},
           {"target_ratio", number(row.target)},
           {"ratio", number(row.ratio)},
           {"bits_per_element", number(row.bits_per_element)},
@@ -146,12 +168,19 @@ nlohmann::ordered_json row_json(const QualityRow& row) {
 // dashed lines and squares for the other allocations; the full cache's NLL dotted.
 Plot quality_plot(const std::string& title, const std::vector<QualityRow>& rows, const QualityRow& full,
                   const std::vector<RopeMode>& modes, const std::vector<Eigen::Index>& windows,
-                  const std::vector<Method>& methods, const std::vector<std::string>& allocations) {
+                  const std::vector<Method>& methods, const std::vector<std::string>& allocations,
+                  const std::vector<std::string>& rotations) {
   Plot plot;
   plot.title = title;
   plot.x_label = "compression ratio (latent / full cache, window excluded)";
   plot.subtitle = "lower is better; NLL in nats per token, KL(full || compressed) in nats on a log scale";
   plot.columns = static_cast<int>(2 * modes.size());
+  std::vector<std::tuple<std::size_t, std::string, std::string>> curves;  // method, allocation, rotation
+  for (std::size_t m = 0; m < methods.size(); ++m) {
+    for (const std::string& allocation : allocations) {
+      for (const std::string& rotation : rotations) curves.emplace_back(m, allocation, rotation);
+    }
+  }
   for (const Eigen::Index window : windows) {
     for (const bool kl : {false, true}) {
       for (const RopeMode mode : modes) {
@@ -165,27 +194,26 @@ Plot quality_plot(const std::string& title, const std::vector<QualityRow>& rows,
           panel.reference_y = full.comparison.mean_nll();
           panel.reference_label = "full cache";
         }
-        for (std::size_t m = 0; m < methods.size(); ++m) {
-          for (const std::string& allocation : allocations) {
-            PlotSeries series;
-            series.name = display_name(methods[m]) + (allocation == "uniform" ? "" : ", " + allocation);
-            series.colour = static_cast<int>(m);
-            series.dashed = allocation != "uniform";
-            series.marker = allocation == "uniform" ? Marker::circle : Marker::square;
-            std::vector<std::pair<double, double>> points;
-            for (const QualityRow& row : rows) {
-              if (row.rope == to_string(mode) && row.window == window && row.allocation == allocation &&
-                  row.method == to_string(methods[m])) {
-                points.emplace_back(row.ratio, kl ? row.comparison.mean_kl() : row.comparison.mean_nll());
-              }
+        for (const auto& [m, allocation, rotation] : curves) {
+          PlotSeries series;
+          series.name = display_name(methods[m]) + (allocation == "uniform" ? "" : ", " + allocation) +
+                        (rotation == "none" ? "" : ", " + rotation);
+          series.colour = static_cast<int>(m);
+          series.dashed = allocation != "uniform" || rotation != "none";
+          series.marker = allocation == "uniform" ? Marker::circle : Marker::square;
+          std::vector<std::pair<double, double>> points;
+          for (const QualityRow& row : rows) {
+            if (row.rope == to_string(mode) && row.window == window && row.allocation == allocation &&
+                row.rotation == rotation && row.method == to_string(methods[m])) {
+              points.emplace_back(row.ratio, kl ? row.comparison.mean_kl() : row.comparison.mean_nll());
             }
-            std::sort(points.begin(), points.end());
-            for (const auto& [x, y] : points) {
-              series.x.push_back(x);
-              series.y.push_back(y);
-            }
-            if (!series.x.empty()) panel.series.push_back(std::move(series));
           }
+          std::sort(points.begin(), points.end());
+          for (const auto& [x, y] : points) {
+            series.x.push_back(x);
+            series.y.push_back(y);
+          }
+          if (!series.x.empty()) panel.series.push_back(std::move(series));
         }
         plot.panels.push_back(std::move(panel));
       }
@@ -250,12 +278,51 @@ double QualityEvaluator::decode_speed(const CacheConfiguration& configuration, c
   return best;
 }
 
+SensitivityProbe measure_sensitivity(const QualityEvaluator& probe, const ModelProjections<float>& full_rank,
+                                     const CacheConfiguration& configuration, Eigen::Index rank) {
+  const ModelShape& shape = full_rank.shape();
+  const auto layers = static_cast<std::size_t>(shape.layers);
+  // Job 0: everything at full rank; then 2 l + 1 the keys of layer l, 2 l + 2 its values.
+  std::vector<double> kl(1 + 2 * layers, 0.0);
+  const auto ranks_of = [&](std::size_t job) {
+    RankAllocation ranks = RankAllocation::uniform(shape, shape.head_dim, shape.head_dim);
+    if (job == 0) return ranks;
+    const auto layer = static_cast<Eigen::Index>((job - 1) / 2);
+    for (Eigen::Index h = 0; h < shape.kv_heads; ++h) {
+      (job % 2 == 1) ? ranks.set_key(layer, h, rank) : ranks.set_value(layer, h, rank);
+    }
+    return ranks;
+  };
+  parallel_jobs(kl.size(), [&](std::size_t job) {
+    const ModelProjections<float> projections = full_rank.truncated(ranks_of(job));
+    kl[job] = probe.evaluate(configuration, &projections).comparison.mean_kl();
+  });
+  SensitivityProbe result{LossWeights(shape), {}, {}, kl[0]};
+  for (std::size_t l = 0; l < layers; ++l) {
+    for (const bool key : {true, false}) {
+      const std::size_t job = 1 + 2 * l + (key ? 0 : 1);
+      LossWeights only(shape, 0.0);
+      const auto layer = static_cast<Eigen::Index>(l);
+      key ? only.set_layer(layer, 1.0, 0.0) : only.set_layer(layer, 0.0, 1.0);
+      const double error = predicted_loss(full_rank, only, ranks_of(job));
+      const double increase = std::max(0.0, kl[job] - kl[0]);
+      (key ? result.key_kl : result.value_kl).push_back(increase);
+      const double weight = error > 0.0 ? increase / error : 0.0;
+      key ? result.weights.set_layer(layer, weight, result.weights.value(layer, 0))
+          : result.weights.set_layer(layer, result.weights.key(layer, 0), weight);
+    }
+  }
+  return result;
+}
+
 int quality_command(const std::vector<std::string>& words) {
   const Arguments args(words, {{"--model", OptionKind::value},        {"--tokenizer", OptionKind::value},
                                {"--text", OptionKind::value},         {"--calib-stories", OptionKind::value},
                                {"--eval-stories", OptionKind::value}, {"--max-tokens", OptionKind::value},
+                               {"--probe-stories", OptionKind::value},
                                {"--ratios", OptionKind::value},       {"--window", OptionKind::value},
                                {"--format", OptionKind::value},       {"--methods", OptionKind::value},
+                               {"--rotate", OptionKind::value},
                                {"--rope", OptionKind::value},         {"--allocations", OptionKind::value},
                                {"--decode-tokens", OptionKind::value}, {"--json", OptionKind::value},
                                {"--plot", OptionKind::value}});
@@ -291,12 +358,27 @@ int quality_command(const std::vector<std::string>& words) {
   if (!args.items("--allocations").empty()) {
     allocations = args.items("--allocations");
     for (const std::string& allocation : allocations) {
-      if (allocation != "uniform" && allocation != "eps") {
-        throw UsageError("--allocations must list uniform and/or eps, got '" + allocation + "'");
+      if (allocation != "uniform" && allocation != "eps" && allocation != "layer-eps" && allocation != "loss-aware" &&
+          allocation != "loss-aware-separate") {
+        throw UsageError("--allocations must list some of uniform, eps, layer-eps, loss-aware, loss-aware-separate, got '" +
+                         allocation + "'");
+      }
+    }
+  }
+  std::vector<std::string> rotations = {"none"};
+  if (!args.items("--rotate").empty()) {
+    rotations = args.items("--rotate");
+    for (const std::string& rotation : rotations) {
+      if (rotation != "none" && rotation != "hadamard") {
+        throw UsageError("--rotate must list none and/or hadamard, got '" + rotation + "'");
       }
     }
   }
   const long decode_tokens = args.integer("--decode-tokens", 0, 1 << 20).value_or(64);
+  const bool loss_aware = std::any_of(allocations.begin(), allocations.end(),
+                                      [](const std::string& a) { return a.rfind("loss-aware", 0) == 0; });
+  const std::optional<std::pair<long, long>> probe_range = args.range("--probe-stories");
+  if (loss_aware && !probe_range) throw UsageError("--allocations loss-aware needs --probe-stories E:F");
 
   const ModelData data = load_model_data(args, /*needs_text=*/true);
   const ModelShape& shape = data.model.shape();
@@ -304,6 +386,10 @@ int quality_command(const std::vector<std::string>& words) {
       args.integer("--max-tokens", 2, 1 << 20).value_or(data.model.config().seq_len));
   const Sequences calibration_stories = data.encode(calibration_range, max_tokens, "--calib-stories");
   const Sequences evaluation_stories = data.encode(evaluation_range, max_tokens, "--eval-stories");
+  const Sequences probe_stories = probe_range ? data.encode(*probe_range, max_tokens, "--probe-stories") : Sequences{};
+  if (probe_range && probe_range->first < evaluation_range.second && evaluation_range.first < probe_range->second) {
+    std::cerr << "kqsvd-llama: warning: probe and evaluation stories overlap\n";
+  }
   if (calibration_range.first < evaluation_range.second && evaluation_range.first < calibration_range.second) {
     std::cerr << "kqsvd-llama: warning: calibration and evaluation stories overlap\n";
   }
@@ -331,8 +417,23 @@ int quality_command(const std::vector<std::string>& words) {
   std::cerr << "full cache: NLL " << fixed(full.comparison.mean_nll(), 4) << " over " << full.comparison.tokens()
             << " predicted tokens\n";
 
-  // Every configuration: projections chosen sequentially (fits are cached), evaluated in parallel.
+  // Every configuration: projections chosen sequentially (fits and probes are cached), evaluated in parallel.
   FullRankProjections fitted(data.model, calibrations);
+  std::optional<QualityEvaluator> prober;
+  if (loss_aware) prober.emplace(data.model, probe_stories);
+  std::map<std::tuple<Method, RopeMode, Eigen::Index>, LossWeights> sensitivities;
+  const auto sensitivity = [&](Method method, RopeMode mode, Eigen::Index rank) -> const LossWeights& {
+    const auto key = std::make_tuple(method, mode, rank);
+    auto found = sensitivities.find(key);
+    if (found == sensitivities.end()) {
+      const SensitivityProbe probe =
+          measure_sensitivity(*prober, fitted.get(method, mode), CacheConfiguration{method, mode, 0, format}, rank);
+      found = sensitivities.emplace(key, probe.weights).first;
+      std::cerr << "probed " << to_string(method) << " " << to_string(mode) << " at rank " << rank << " ("
+                << fixed(elapsed(), 0) << " s)\n";
+    }
+    return found->second;
+  };
   std::vector<Eigen::Index> windows = {0};
   if (window > 0) windows.push_back(window);
   std::vector<QualityRow> rows;
@@ -353,18 +454,31 @@ int quality_command(const std::vector<std::string>& words) {
           if (allocation == "uniform") {
             row.rank = uniform_rank_for_ratio(shape.head_dim, target);
             ranks = RankAllocation::uniform(shape, row.rank, row.rank);
-          } else {
-            ErrorBudgetAllocation budget = error_budget_allocation(full_rank, target);
+          } else if (allocation == "eps" || allocation == "layer-eps") {
+            const ErrorBudgetAllocation budget = allocation == "eps" ? error_budget_allocation(full_rank, target)
+                                                                     : layer_error_budget_allocation(full_rank, target);
             row.epsilon = budget.epsilon;
             ranks = budget.ranks;
+          } else {
+            LossAwareOptions options;
+            options.format = format;
+            options.sharing = allocation == "loss-aware" ? BudgetSharing::joint : BudgetSharing::separate;
+            const LossWeights& weights = sensitivity(method, mode, uniform_rank_for_ratio(shape.head_dim, target));
+            ranks = loss_aware_allocation(full_rank, weights, MemoryBudget::fraction_of_full_cache(target), options).ranks;
           }
+          row.key_ranks = ranks.describe_keys();
+          row.value_ranks = ranks.describe_values();
           row.ratio = ranks.compression_ratio();
-          for (const Eigen::Index w : windows) {
-            row.window = w;
-            row.bits_per_element = latent_cache_footprint(ranks, format).bits_per_element();
-            rows.push_back(row);
-            chosen.push_back(full_rank.truncated(ranks));
-            configurations.push_back(CacheConfiguration{method, mode, w, format});
+          row.bits_per_element = latent_cache_footprint(ranks, format).bits_per_element();
+          const ModelProjections<float> truncated = full_rank.truncated(ranks);
+          for (const std::string& rotation : rotations) {
+            row.rotation = rotation;
+            for (const Eigen::Index w : windows) {
+              row.window = w;
+              rows.push_back(row);
+              chosen.push_back(rotation == "hadamard" ? hadamard_rotated(truncated) : truncated);
+              configurations.push_back(CacheConfiguration{method, mode, w, format});
+            }
           }
         }
       }
@@ -381,7 +495,7 @@ int quality_command(const std::vector<std::string>& words) {
     rows[i].tokens_per_second = evaluator.decode_speed(configurations[i], &chosen[i], decode_tokens);
   }
   std::stable_sort(rows.begin(), rows.end(), [](const QualityRow& a, const QualityRow& b) {
-    return std::tie(a.rope, a.allocation, a.window) < std::tie(b.rope, b.allocation, b.window);
+    return std::tie(a.rope, a.allocation, a.rotation, a.window) < std::tie(b.rope, b.allocation, b.rotation, b.window);
   });
 
   std::cout << "model " << data.name() << " (" << to_string(shape) << ")\n"
@@ -420,7 +534,7 @@ int quality_command(const std::vector<std::string>& words) {
   if (const auto plot_path = args.value("--plot")) {
     write_svg(*plot_path, render_svg(quality_plot(data.name() + ": quality vs KV-cache compression (" +
                                                       std::to_string(full.comparison.tokens()) + " held-out tokens)",
-                                                  rows, full, modes, windows, methods, allocations)));
+                                                  rows, full, modes, windows, methods, allocations, rotations)));
   }
   std::cerr << "total " << fixed(elapsed(), 1) << " s\n";
   return exit_success;

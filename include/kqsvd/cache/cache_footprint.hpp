@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <string>
 
-#include "kqsvd/cache/storage_format.hpp"
+#include "kqsvd/core/storage_format.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/model_shape.hpp"
 #include "kqsvd/solvers/rank_allocation.hpp"

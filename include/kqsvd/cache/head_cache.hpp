@@ -36,7 +36,7 @@
 #include <vector>
 
 #include "kqsvd/cache/latent_compression.hpp"
-#include "kqsvd/cache/storage_format.hpp"
+#include "kqsvd/core/storage_format.hpp"
 #include "kqsvd/core/detail/parallel_for.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/error.hpp"

@@ -57,9 +57,12 @@ inline void calibrate(ModelCalibration& calibration, const ActivationFile& file)
 // head with kqsvd::measure_head_fidelity, causal within each sequence. Activations saved without RoPE
 // (rope = none) are scored the pre-RoPE way: reconstructed keys and the queries are rotated first.
 // output_weights: per layer, hidden x (query_heads * head_dim), e.g. file.output_weights().
+// latent_format: store the latents in this format first (FidelityOptions::latent_format); every rank
+// must be a width it holds.
 template <typename Scalar, typename WeightMatrix>
 std::vector<FidelityTotals> measure(const ModelProjections<Scalar>& projections, const ActivationFile& file,
-                                    const std::vector<WeightMatrix>& output_weights) {
+                                    const std::vector<WeightMatrix>& output_weights,
+                                    const std::optional<StorageFormat>& latent_format = std::nullopt) {
   constexpr const char* where = "kqsvd::io::measure";
   const ModelShape& shape = projections.shape();
   if (file.shape() != shape) {
@@ -74,6 +77,17 @@ std::vector<FidelityTotals> measure(const ModelProjections<Scalar>& projections,
   const Eigen::Index d = shape.head_dim;
   std::optional<RotaryEmbedding> rope;
   FidelityOptions options;
+  options.latent_format = latent_format;
+  if (latent_format) {
+    const RankAllocation ranks = projections.ranks();
+    for (Eigen::Index l = 0; l < shape.layers; ++l) {
+      for (Eigen::Index h = 0; h < shape.kv_heads; ++h) {
+        const std::string head = " of layer " + std::to_string(l) + ", KV head " + std::to_string(h);
+        latent_format->require_width(where, ("the key rank" + head).c_str(), ranks.key(l, h));
+        latent_format->require_width(where, ("the value rank" + head).c_str(), ranks.value(l, h));
+      }
+    }
+  }
   if (file.metadata().rope == RopeMode::pre_rope) {
     rope = file.rotary_embedding();
     options.pre_rope = &*rope;

@@ -7,7 +7,11 @@
 //   layers.{l}.kv_heads.{h}.key.singular_values  [head_dim]     F64   the objective's spectrum
 //   layers.{l}.kv_heads.{h}.value.*              the same for the value projection
 // and "__metadata__": format, format_version, method, layers, query_heads, kv_heads, head_dim, model,
-// rope, rope_style, rope_theta, key_rank_selection, value_rank_selection, calibration_tokens, producer.
+// rope, rope_style, rope_theta, key_rank_selection, value_rank_selection, calibration_tokens, producer,
+// latent_basis ("ordered_by_importance", or "rotated" for projections whose latents were rotated, e.g.
+// by kqsvd::hadamard_rotated; a rotated file cannot be truncated; absent in older files: ordered), and
+// optionally rank_allocation (free text: how per-head ranks were spent on a memory budget, e.g.
+// "loss-aware, 0.25 of the full cache in f32, joint budget, sensitivity sens.json").
 // float and double values are stored in full, so save() then load() gives back identical projections.
 //
 //   kqsvd::io::ProjectionInfo info;
@@ -50,6 +54,7 @@ struct ProjectionInfo {
   double rope_theta = 10000.0;
   std::optional<RankSelection> key_rank;     // how the ranks were chosen, when known
   std::optional<RankSelection> value_rank;
+  std::string rank_allocation;               // how per-head ranks were spent on a budget; empty when not
   std::int64_t calibration_tokens = 0;       // tokens per head the Grams were built from
   std::string producer;                      // e.g. "kqsvd 0.1.0"
 };
@@ -104,6 +109,16 @@ class ProjectionFile {
     if (info_.calibration_tokens < 0) {
       detail::throw_invalid("kqsvd::io::ProjectionFile", "info.calibration_tokens", "is negative");
     }
+    const ModelShape& s = projections_.shape();
+    for (Index l = 0; l < s.layers; ++l) {
+      for (Index h = 0; h < s.kv_heads; ++h) {
+        if (projections_.keys(l, h).basis() != basis() || projections_.values(l, h).basis() != basis()) {
+          detail::throw_invalid("kqsvd::io::ProjectionFile", "projections",
+                                "mix rotated and unrotated heads (layer " + std::to_string(l) + ", KV head " +
+                                    std::to_string(h) + "); rotate all of them or none");
+        }
+      }
+    }
   }
 
   const Projections& projections() const { return projections_; }
@@ -112,6 +127,8 @@ class ProjectionFile {
   // The method of the key projections (the value projections of K-SVD and Eigen Attention are V-SVD,
   // Method::k_svd: value_method(method())).
   Method method() const { return projections_.method(); }
+  // Whether the latents were rotated (then every head is) or keep the method's order of importance.
+  LatentBasis basis() const { return projections_.keys(0, 0).basis(); }
 
   // Atomic: a reader never sees a half-written file, and a failed write leaves no file behind.
   void save(const std::string& path, bool overwrite = false) const {
@@ -130,8 +147,10 @@ class ProjectionFile {
     out.set_metadata("rope_theta", detail::format_number(info_.rope_theta));
     if (info_.key_rank) out.set_metadata("key_rank_selection", detail::format_rank_selection(*info_.key_rank));
     if (info_.value_rank) out.set_metadata("value_rank_selection", detail::format_rank_selection(*info_.value_rank));
+    if (!info_.rank_allocation.empty()) out.set_metadata("rank_allocation", info_.rank_allocation);
     out.set_metadata("calibration_tokens", std::to_string(info_.calibration_tokens));
     out.set_metadata("producer", info_.producer);
+    out.set_metadata("latent_basis", to_string(basis()));
     for (Index l = 0; l < s.layers; ++l) {
       for (Index h = 0; h < s.kv_heads; ++h) {
         add_projection(out, projections_.keys(l, h), l, h, "key");
@@ -229,14 +248,25 @@ class ProjectionFile {
       if (!tokens) fail("has __metadata__ calibration_tokens = '" + entry("calibration_tokens") + "', expected a count");
       info.calibration_tokens = *tokens;
       info.producer = entry("producer");
+      if (const auto found = file.metadata().find("rank_allocation"); found != file.metadata().end()) {
+        info.rank_allocation = found->second;
+      }
+      LatentBasis basis = LatentBasis::ordered_by_importance;
+      if (const auto found = file.metadata().find("latent_basis"); found != file.metadata().end()) {
+        if (found->second == to_string(LatentBasis::rotated)) {
+          basis = LatentBasis::rotated;
+        } else if (found->second != to_string(LatentBasis::ordered_by_importance)) {
+          fail("has __metadata__ latent_basis = '" + found->second + "', expected ordered_by_importance or rotated");
+        }
+      }
 
       try {
         std::vector<LowRankProjection<float>> keys, values;
         for (Index l = 0; l < shape.layers; ++l) {
           for (Index h = 0; h < shape.kv_heads; ++h) {
-            keys.push_back(projection(method, shape.head_dim, l, h, "key"));
+            keys.push_back(projection(method, shape.head_dim, l, h, "key", basis));
             // K-SVD and Eigen Attention both compress values with V-SVD (see solvers/fit.hpp).
-            values.push_back(projection(value_method(method), shape.head_dim, l, h, "value"));
+            values.push_back(projection(value_method(method), shape.head_dim, l, h, "value", basis));
           }
         }
         for (const std::string& name : file.names()) {
@@ -261,7 +291,8 @@ class ProjectionFile {
       return info;
     }
 
-    LowRankProjection<float> projection(Method method, Index d, Index layer, Index kv_head, const char* side) {
+    LowRankProjection<float> projection(Method method, Index d, Index layer, Index kv_head, const char* side,
+                                        LatentBasis basis) {
       const std::string encoder_name = detail::projection_tensor_name(layer, kv_head, side, "encoder");
       const std::string decoder_name = detail::projection_tensor_name(layer, kv_head, side, "decoder");
       const std::string spectrum_name = detail::projection_tensor_name(layer, kv_head, side, "singular_values");
@@ -289,7 +320,7 @@ class ProjectionFile {
       }
       return LowRankProjection<float>(method, file.read_matrix<float>(encoder_name, {}, NonFinite::reject),
                                       file.read_matrix<float>(decoder_name, {}, NonFinite::reject),
-                                      Eigen::Map<const Eigen::VectorXd>(singular_values.data(), d));
+                                      Eigen::Map<const Eigen::VectorXd>(singular_values.data(), d), basis);
     }
   };
 

@@ -10,6 +10,8 @@
 //   value_output  V W_j^T      vs  V A_v B_v^T W_j^T
 //   softmax       P_j          vs  P^_j    causal softmax of the scores scaled by 1/sqrt(d)
 //   output        P_j V W_j^T  vs  P^_j V A_v B_v^T W_j^T          (after the output projection)
+// With FidelityOptions::latent_format the latents K A and V A_v are stored in that format first (int4,
+// q8_0, ...), so the metrics measure the cache as it would hold them.
 // Squared errors and squared references are summed over query heads, sequences, heads and layers
 // before dividing, so an aggregate is the relative error of everything it covers. Computed in double.
 //
@@ -24,8 +26,10 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 
+#include "kqsvd/core/storage_format.hpp"
 #include "kqsvd/kernels/reference_attention.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/solvers/low_rank_projection.hpp"
@@ -100,6 +104,10 @@ struct FidelityOptions {
   // queries against rotated (reconstructed) keys, the sequence starting at first_position.
   const RotaryEmbedding* pre_rope = nullptr;
   Eigen::Index first_position = 0;
+  // When set, the key latents K A and value latents V A_v are stored in this format before anything is
+  // reconstructed from them (kqsvd::round_trip), so every metric but err_q includes its rounding. Unset:
+  // latents kept exact (in double). The ranks must be widths the format can hold.
+  std::optional<StorageFormat> latent_format;
 };
 
 // One sequence of one KV head. keys, values: n x d. group_queries: (g n) x d, the n rows of each of the
@@ -161,9 +169,14 @@ FidelityTotals measure_head_fidelity(const LowRankProjection<Scalar>& key_projec
     totals.add(metric, (reference - approximation).squaredNorm(), reference.squaredNorm());
   };
 
-  const Matrix key_latents = k * a;
+  Matrix key_latents = k * a;
+  Matrix value_latents = v * av;
+  if (options.latent_format) {
+    key_latents = round_trip(*options.latent_format, key_latents).template cast<double>();
+    value_latents = round_trip(*options.latent_format, value_latents).template cast<double>();
+  }
   const Matrix keys_back = key_latents * b.transpose();
-  const Matrix values_back = (v * av) * bv.transpose();
+  const Matrix values_back = value_latents * bv.transpose();
   accumulate(FidelityMetric::keys, k, keys_back);
   accumulate(FidelityMetric::values, v, values_back);
 

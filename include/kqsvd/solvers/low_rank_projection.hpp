@@ -13,6 +13,11 @@
 //   auto query_latents = proj.map_queries(Q);        // m x 16
 //   Eigen::MatrixXf scores = query_latents * key_latents.transpose();   // ~ Q K^T
 //   auto keys_again = proj.decompress(key_latents);  // n x d, for the pre-RoPE path
+//
+// rotated(R) turns the latent coordinates by an r x r orthogonal R (A R, B R): every score and output
+// is unchanged, since (Q B R)(K A R)^T = (Q B)(K A)^T, but outliers spread across coordinates, which
+// helps a quantized latent cache (Palu's Hadamard; see latent_rotation.hpp). A rotated projection's
+// dimensions are no longer ordered by importance, so it cannot be truncated.
 #pragma once
 
 #include <Eigen/Core>
@@ -27,6 +32,16 @@
 
 namespace kqsvd {
 
+// How a projection's r latent coordinates relate to its objective's singular vectors.
+enum class LatentBasis {
+  ordered_by_importance,  // coordinate i is the i-th singular direction: the first k are the rank-k fit
+  rotated                 // mixed by an orthogonal rotation: the same subspace, no order
+};
+
+inline const char* to_string(LatentBasis basis) {
+  return basis == LatentBasis::rotated ? "rotated" : "ordered_by_importance";
+}
+
 template <typename Scalar_>
 class LowRankProjection {
  public:
@@ -38,8 +53,10 @@ class LowRankProjection {
 
   static_assert(std::is_floating_point<Scalar>::value, "LowRankProjection is for float or double");
 
-  LowRankProjection(Method method, Matrix encoder, Matrix decoder, Eigen::VectorXd singular_values)
+  LowRankProjection(Method method, Matrix encoder, Matrix decoder, Eigen::VectorXd singular_values,
+                    LatentBasis basis = LatentBasis::ordered_by_importance)
       : method_(method),
+        basis_(basis),
         encoder_(std::move(encoder)),
         decoder_(std::move(decoder)),
         singular_values_(std::move(singular_values)) {
@@ -65,6 +82,7 @@ class LowRankProjection {
   }
 
   Method method() const { return method_; }
+  LatentBasis basis() const { return basis_; }
   Index dimension() const { return encoder_.rows(); }
   Index rank() const { return encoder_.cols(); }
 
@@ -82,18 +100,48 @@ class LowRankProjection {
   // The same projection keeping its first `rank` dimensions. Every method here orders dimensions by
   // importance, so this equals fitting at the lower rank directly.
   LowRankProjection truncated(Index rank) const {
+    if (basis_ == LatentBasis::rotated && rank != this->rank()) {
+      detail::throw_invalid("kqsvd::LowRankProjection::truncated", "rank",
+                            "is " + std::to_string(rank) + ", but this projection is rotated: its " +
+                                std::to_string(this->rank()) + " coordinates are mixed, so keeping the first few is "
+                                "not a lower-rank fit; truncate first, then rotate");
+    }
     if (rank < 1 || rank > this->rank()) {
       detail::throw_invalid("kqsvd::LowRankProjection::truncated", "rank",
                             "must be in [1, " + std::to_string(this->rank()) + "], got " + std::to_string(rank));
     }
-    return LowRankProjection(method_, encoder_.leftCols(rank), decoder_.leftCols(rank), singular_values_);
+    return LowRankProjection(method_, encoder_.leftCols(rank), decoder_.leftCols(rank), singular_values_, basis_);
+  }
+
+  // A R and B R for an r x r orthogonal `rotation` (R^T R = I to within 1e-5 for float, 1e-12 for
+  // double): the same scores and outputs, latents in rotated coordinates.
+  template <typename Derived>
+  LowRankProjection rotated(const Eigen::MatrixBase<Derived>& rotation) const {
+    constexpr const char* where = "kqsvd::LowRankProjection::rotated";
+    if (rotation.rows() != rank() || rotation.cols() != rank()) {
+      detail::throw_invalid(where, "rotation",
+                            "must be rank x rank = " + detail::shape_string(rank(), rank()) + ", got " +
+                                detail::shape_string(rotation.rows(), rotation.cols()));
+    }
+    detail::require_finite(where, "rotation", rotation);
+    const Eigen::MatrixXd r = rotation.template cast<double>();
+    const double deviation = (r.transpose() * r - Eigen::MatrixXd::Identity(rank(), rank())).cwiseAbs().maxCoeff();
+    const double tolerance = std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
+    if (deviation > tolerance) {
+      detail::throw_invalid(where, "rotation",
+                            "is not orthogonal: R^T R differs from the identity by " + std::to_string(deviation));
+    }
+    const Matrix cast_rotation = r.template cast<Scalar>();
+    return LowRankProjection(method_, encoder_ * cast_rotation, decoder_ * cast_rotation, singular_values_,
+                             LatentBasis::rotated);
   }
 
   template <typename NewScalar>
   LowRankProjection<NewScalar> cast() const {
     constexpr const char* where = "kqsvd::LowRankProjection::cast";
     return LowRankProjection<NewScalar>(method_, detail::narrowed<NewScalar>(where, "encoder", encoder_),
-                                        detail::narrowed<NewScalar>(where, "decoder", decoder_), singular_values_);
+                                        detail::narrowed<NewScalar>(where, "decoder", decoder_), singular_values_,
+                                        basis_);
   }
 
   // X A: n x d cached rows (keys or values) to n x r latents.
@@ -141,6 +189,7 @@ class LowRankProjection {
   }
 
   Method method_;
+  LatentBasis basis_;
   Matrix encoder_;
   Matrix decoder_;
   Eigen::VectorXd singular_values_;

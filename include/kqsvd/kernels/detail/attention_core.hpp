@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "kqsvd/cache/head_cache.hpp"
-#include "kqsvd/cache/storage_format.hpp"
+#include "kqsvd/core/storage_format.hpp"
 #include "kqsvd/core/detail/float_conversion.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/matrix.hpp"

@@ -43,7 +43,7 @@
 #include <vector>
 
 #include "kqsvd/cache/head_cache.hpp"
-#include "kqsvd/cache/storage_format.hpp"
+#include "kqsvd/core/storage_format.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/error.hpp"
 #include "kqsvd/core/matrix.hpp"

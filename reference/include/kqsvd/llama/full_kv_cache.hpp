@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "kqsvd/cache/head_cache.hpp"
-#include "kqsvd/cache/storage_format.hpp"
+#include "kqsvd/core/storage_format.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"

@@ -1,4 +1,4 @@
-// kqsvd/cache/storage_format.hpp -- how a cache stores each row of keys or values (full rows or latents),
+// kqsvd/core/storage_format.hpp -- how a cache stores each row of keys or values (full rows or latents),
 // and what that costs in bytes.
 //
 //   format      per element                                   per group of elements        bits/element
@@ -20,6 +20,7 @@
 //   format.bits_per_element(128);              // 4.5
 //   std::vector<std::uint8_t> bytes = kqsvd::encode_row(format, row);   // row: 1 x 128 floats
 //   Eigen::RowVectorXf back = kqsvd::decode_row(format, bytes, 128);
+//   kqsvd::RowMatrix<float> stored = kqsvd::round_trip(format, latents);   // n x 128, as the cache holds them
 //
 // Bad input is refused, never stored wrong: a non-finite value is an InvalidArgument naming it; a value
 // beyond a format's range saturates where the format says so (fp8) and is otherwise an InvalidArgument
@@ -41,6 +42,7 @@
 #include "kqsvd/core/detail/float_conversion.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/error.hpp"
+#include "kqsvd/core/matrix.hpp"
 
 namespace kqsvd {
 
@@ -147,6 +149,13 @@ class StorageFormat {
     if (kind_ == StorageKind::q8_0 || kind_ == StorageKind::q4_0) return ggml_block;
     if (is_asymmetric()) return block_;
     return width;
+  }
+
+  // The widths the format holds are the multiples of this: the block of q8_0, q4_0, int4 and int2,
+  // 1 for the others.
+  Index width_multiple() const {
+    if (kind_ == StorageKind::q8_0 || kind_ == StorageKind::q4_0) return ggml_block;
+    return is_asymmetric() ? block_ : 1;
   }
 
   // Throws InvalidArgument naming `function` and `argument` unless rows of `width` can be stored.
@@ -449,6 +458,19 @@ inline Eigen::RowVectorXf decode_row(const StorageFormat& format, const std::vec
     }
   }
   return row;
+}
+
+// Every row of `rows` as a cache in `format` gives it back: encoded and decoded, so that what a metric
+// or a test sees carries exactly the format's rounding. rows: n x width, width one the format can hold.
+template <typename Derived>
+RowMatrix<float> round_trip(const StorageFormat& format, const Eigen::MatrixBase<Derived>& rows) {
+  format.require_width("kqsvd::round_trip", "rows", rows.cols());
+  detail::require_finite("kqsvd::round_trip", "rows", rows);
+  RowMatrix<float> result(rows.rows(), rows.cols());
+  for (Eigen::Index i = 0; i < rows.rows(); ++i) {
+    result.row(i) = decode_row(format, encode_row(format, rows.row(i)), rows.cols());
+  }
+  return result;
 }
 
 }  // namespace kqsvd
