@@ -53,16 +53,6 @@ std::vector<long> sweep_ranks(long head_dim) {
   return ranks;
 }
 
-// The names the plot's legend shows.
-std::string display_name(Method method) {
-  switch (method) {
-    case Method::kq_svd: return "KQ-SVD";
-    case Method::k_svd: return "K-SVD";
-    case Method::eigen_attention: return "Eigen Attention";
-  }
-  return to_string(method);
-}
-
 void write_plot(const std::string& path, const std::vector<ModelProjections<float>>& full, const EvaluationData& data,
                 const std::vector<WeightMatrix>& weights, const Calibration& calibration,
                 const std::optional<StorageFormat>& latent_format) {

@@ -213,19 +213,18 @@ int fit_command(const std::vector<std::string>& words) {
   std::string rank_allocation;
   if (budget) {
     // Fitted at full rank above; every method orders its directions, so truncating is fitting lower.
-    std::ostringstream description;
-    description << budget->to_string() << " in " << latents.name();
+    const std::string spent = budget->to_string() + " in " + latents.name();
     if (sensitivity) {
       LossAwareOptions options;
       options.format = latents;
       options.sharing = sharing;
       const LossAwareAllocation allocation = loss_aware_allocation(fitted, sensitivity->weights, *budget, options);
       fitted = fitted.truncated(allocation.ranks);
-      rank_allocation = "loss-aware, " + description.str() + ", " + to_string(sharing) + " budget, sensitivity '" +
+      rank_allocation = "loss-aware, " + spent + ", " + to_string(sharing) + " budget, sensitivity '" +
                         *sensitivity_path + "'";
     } else {
       fitted = fitted.truncated(uniform_allocation(layout.shape, *budget, latents));
-      rank_allocation = "uniform, " + description.str();
+      rank_allocation = "uniform, " + spent;
     }
   }
   const ModelProjections<float> projections = rotate ? hadamard_rotated(fitted) : fitted;

@@ -49,12 +49,6 @@ of the probe stories. Probe near the budget you will spend (R = B for float late
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
-std::string with_digits(double value, int digits) {
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(digits) << value;
-  return out.str();
-}
-
 }  // namespace
 
 int probe_command(const std::vector<std::string>& words) {
@@ -86,7 +80,7 @@ int probe_command(const std::vector<std::string>& words) {
   const Eigen::Index rank = uniform_rank_for_ratio(shape.head_dim, ratio);
   if (rank % format.group_size(rank) != 0) {
     throw UsageError("--format " + format.name() + " cannot hold latents of rank " + std::to_string(rank) + " (--ratio " +
-                     with_digits(ratio, 2) + " of head_dim " + std::to_string(shape.head_dim) + ")");
+                     fixed(ratio, 2) + " of head_dim " + std::to_string(shape.head_dim) + ")");
   }
   const auto max_tokens = static_cast<std::size_t>(
       args.integer("--max-tokens", 2, 1 << 20).value_or(data.model.config().seq_len));
@@ -111,15 +105,15 @@ int probe_command(const std::vector<std::string>& words) {
   io::write_sensitivity_file(out, sensitivity, force);
 
   std::cout << "wrote " << out << ": " << to_string(method) << " " << to_string(mode) << "-RoPE sensitivity of "
-            << data.name() << " at rank " << rank << " (KL at full rank " << with_digits(probe.exact_kl, 6) << ")\n\n"
+            << data.name() << " at rank " << rank << " (KL at full rank " << fixed(probe.exact_kl, 6) << ")\n\n"
             << "layer   key dKL   key w   value dKL   value w\n";
   for (Eigen::Index l = 0; l < shape.layers; ++l) {
     const auto i = static_cast<std::size_t>(l);
-    std::cout << std::setw(5) << l << std::setw(10) << with_digits(probe.key_kl[i], 4) << std::setw(8)
-              << with_digits(sensitivity.weights.key(l, 0), 3) << std::setw(12) << with_digits(probe.value_kl[i], 4) << std::setw(10)
-              << with_digits(sensitivity.weights.value(l, 0), 3) << "\n";
+    std::cout << std::setw(5) << l << std::setw(10) << fixed(probe.key_kl[i], 4) << std::setw(8)
+              << fixed(sensitivity.weights.key(l, 0), 3) << std::setw(12) << fixed(probe.value_kl[i], 4) << std::setw(10)
+              << fixed(sensitivity.weights.value(l, 0), 3) << "\n";
   }
-  std::cerr << "total " << with_digits(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 1)
+  std::cerr << "total " << fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 1)
             << " s\n";
   return exit_success;
 }

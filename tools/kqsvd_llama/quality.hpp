@@ -59,7 +59,7 @@ struct SensitivityProbe {
 SensitivityProbe measure_sensitivity(const QualityEvaluator& probe, const ModelProjections<float>& full_rank,
                                      const CacheConfiguration& configuration, Eigen::Index rank);
 
-// "KQ-SVD", "K-SVD", "Eigen Attention": the names plots show.
-std::string display_name(Method method);
+// `value` with `digits` digits after the point, for tables and messages.
+std::string fixed(double value, int digits);
 
 }  // namespace kqsvd::cli

@@ -79,12 +79,6 @@ kernels doing the attention; run with OMP_NUM_THREADS=1 for stable numbers.
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
-std::string fixed(double value, int digits) {
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(digits) << value;
-  return out.str();
-}
-
 std::string rank_label(const QualityRow& row) {
   if (row.allocation == "uniform") return "r=" + std::to_string(row.rank);
   if (row.allocation == "eps" || row.allocation == "layer-eps") {
@@ -225,13 +219,10 @@ Plot quality_plot(const std::string& title, const std::vector<QualityRow>& rows,
 
 }  // namespace
 
-std::string display_name(Method method) {
-  switch (method) {
-    case Method::kq_svd: return "KQ-SVD";
-    case Method::k_svd: return "K-SVD";
-    case Method::eigen_attention: return "Eigen Attention";
-  }
-  return to_string(method);
+std::string fixed(double value, int digits) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(digits) << value;
+  return out.str();
 }
 
 QualityEvaluator::QualityEvaluator(const llama::Transformer& model, Sequences stories) : model_(&model), stories_(std::move(stories)) {
@@ -298,19 +289,20 @@ SensitivityProbe measure_sensitivity(const QualityEvaluator& probe, const ModelP
     kl[job] = probe.evaluate(configuration, &projections).comparison.mean_kl();
   });
   SensitivityProbe result{LossWeights(shape), {}, {}, kl[0]};
+  // w = KL increase / the layer's predicted squared error at `rank` (that term alone weighted 1).
+  const auto weight = [&](std::size_t job, double increase) {
+    LossWeights only(shape, 0.0);
+    const auto layer = static_cast<Eigen::Index>((job - 1) / 2);
+    job % 2 == 1 ? only.set_layer(layer, 1.0, 0.0) : only.set_layer(layer, 0.0, 1.0);
+    const double error = predicted_loss(full_rank, only, ranks_of(job));
+    return error > 0.0 ? increase / error : 0.0;
+  };
   for (std::size_t l = 0; l < layers; ++l) {
-    for (const bool key : {true, false}) {
-      const std::size_t job = 1 + 2 * l + (key ? 0 : 1);
-      LossWeights only(shape, 0.0);
-      const auto layer = static_cast<Eigen::Index>(l);
-      key ? only.set_layer(layer, 1.0, 0.0) : only.set_layer(layer, 0.0, 1.0);
-      const double error = predicted_loss(full_rank, only, ranks_of(job));
-      const double increase = std::max(0.0, kl[job] - kl[0]);
-      (key ? result.key_kl : result.value_kl).push_back(increase);
-      const double weight = error > 0.0 ? increase / error : 0.0;
-      key ? result.weights.set_layer(layer, weight, result.weights.value(layer, 0))
-          : result.weights.set_layer(layer, result.weights.key(layer, 0), weight);
-    }
+    const std::size_t key_job = 1 + 2 * l, value_job = key_job + 1;
+    result.key_kl.push_back(std::max(0.0, kl[key_job] - kl[0]));
+    result.value_kl.push_back(std::max(0.0, kl[value_job] - kl[0]));
+    result.weights.set_layer(static_cast<Eigen::Index>(l), weight(key_job, result.key_kl.back()),
+                             weight(value_job, result.value_kl.back()));
   }
   return result;
 }

@@ -75,10 +75,7 @@ class ModelCalibration {
            const Eigen::MatrixBase<DerivedV>& values) {
     constexpr const char* where = "kqsvd::ModelCalibration::add";
     shape_.require_layer(where, layer);
-    const Index d = shape_.head_dim;
-    detail::require_columns(where, "queries", queries.cols(), shape_.query_heads * d, "query_heads x head_dim");
-    detail::require_columns(where, "keys", keys.cols(), shape_.kv_heads * d, "kv_heads x head_dim");
-    detail::require_columns(where, "values", values.cols(), shape_.kv_heads * d, "kv_heads x head_dim");
+    shape_.require_layer_columns(where, queries.cols(), keys.cols(), values.cols());
     if (keys.rows() != queries.rows() || values.rows() != queries.rows()) {
       detail::throw_invalid(where, "keys/values", "must have as many rows (tokens) as queries");
     }
@@ -86,6 +83,7 @@ class ModelCalibration {
     detail::require_finite(where, "queries", queries);
     detail::require_finite(where, "keys", keys);
     detail::require_finite(where, "values", values);
+    const Index d = shape_.head_dim;
     const auto add_heads = [&] {
       for (Index h = 0; h < shape_.kv_heads; ++h) {
         add_keys(layer, h, keys.middleCols(h * d, d));
@@ -164,10 +162,7 @@ class ModelCalibration {
   }
 
   std::size_t slot(const char* which, Index layer, Index kv_head) const {
-    const std::string where = std::string("kqsvd::ModelCalibration::") + which;
-    shape_.require_layer(where.c_str(), layer);
-    shape_.require_kv_head(where.c_str(), kv_head);
-    return static_cast<std::size_t>(layer * shape_.kv_heads + kv_head);
+    return shape_.kv_head_slot("kqsvd::ModelCalibration", which, layer, kv_head);
   }
 
   ModelShape shape_;

@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 
+#include <cstddef>
 #include <string>
 
 #include "kqsvd/core/detail/validation.hpp"
@@ -47,6 +48,24 @@ struct ModelShape {
     if (layer < 0 || layer >= layers) {
       detail::throw_invalid(function, "layer", "is " + std::to_string(layer) + ", outside [0, " + std::to_string(layers) + ")");
     }
+  }
+  // layer * kv_heads + kv_head: where a (layer, KV head) sits in per-head arrays. Indices out of range
+  // throw InvalidArgument naming "owner::member" (the name is built only then: accessors call this).
+  std::size_t kv_head_slot(const char* owner, const char* member, Eigen::Index layer, Eigen::Index kv_head) const {
+    if (layer < 0 || layer >= layers || kv_head < 0 || kv_head >= kv_heads) {
+      const std::string where = std::string(owner) + "::" + member;
+      require_layer(where.c_str(), layer);
+      require_kv_head(where.c_str(), kv_head);
+    }
+    return static_cast<std::size_t>(layer * kv_heads + kv_head);
+  }
+  // One layer's block of tokens, heads side by side along the columns: queries query_heads x head_dim
+  // wide, keys and values kv_heads x head_dim.
+  void require_layer_columns(const char* function, Eigen::Index query_columns, Eigen::Index key_columns,
+                             Eigen::Index value_columns) const {
+    detail::require_columns(function, "queries", query_columns, query_width(), "query_heads x head_dim");
+    detail::require_columns(function, "keys", key_columns, kv_width(), "kv_heads x head_dim");
+    detail::require_columns(function, "values", value_columns, kv_width(), "kv_heads x head_dim");
   }
   void require_kv_head(const char* function, Eigen::Index kv_head) const {
     if (kv_head < 0 || kv_head >= kv_heads) {

@@ -65,10 +65,7 @@ class ActivationWriter {
            const Eigen::MatrixBase<DerivedV>& values) {
     constexpr const char* where = "kqsvd::io::ActivationWriter::add";
     shape_.require_layer(where, layer);
-    const Index d = shape_.head_dim;
-    detail::require_columns(where, "queries", queries.cols(), shape_.query_heads * d, "query_heads x head_dim");
-    detail::require_columns(where, "keys", keys.cols(), shape_.kv_heads * d, "kv_heads x head_dim");
-    detail::require_columns(where, "values", values.cols(), shape_.kv_heads * d, "kv_heads x head_dim");
+    shape_.require_layer_columns(where, queries.cols(), keys.cols(), values.cols());
     for (const Index rows : {queries.rows(), keys.rows(), values.rows()}) {
       if (rows != tokens_) {
         detail::throw_invalid(where, "queries/keys/values",

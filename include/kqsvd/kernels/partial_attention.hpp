@@ -77,8 +77,13 @@ class VisibleRows {
   const Indices& begin() const { return begin_; }
   const Indices& end() const { return end_; }
 
-  // Throws InvalidArgument naming `function` unless every range lies within `rows` rows.
-  void require_within(const char* function, Index rows) const {
+  // Throws InvalidArgument naming `function` unless there is one range per query (`query_count`) and
+  // every range lies within `rows` rows.
+  void require_fits(const char* function, Index query_count, Index rows) const {
+    if (queries() != query_count) {
+      detail::throw_invalid(function, "visible",
+                            "has " + std::to_string(queries()) + " ranges for " + std::to_string(query_count) + " queries");
+    }
     for (Index i = 0; i < queries(); ++i) {
       if (end_(i) > rows) {
         detail::throw_invalid(function, "visible",
@@ -281,11 +286,7 @@ PartialAttention partial_attention(const Eigen::MatrixBase<DerivedQ>& scaled_que
                                    const HeadCache& cache) {
   constexpr const char* where = "kqsvd::partial_attention";
   const RowMatrix<float> queries = detail::checked_queries(where, scaled_queries, cache.key_width(), "the cache's key width");
-  if (visible.queries() != queries.rows()) {
-    detail::throw_invalid(where, "visible", "has " + std::to_string(visible.queries()) + " ranges for " +
-                                                std::to_string(queries.rows()) + " queries");
-  }
-  visible.require_within(where, cache.size());
+  visible.require_fits(where, queries.rows(), cache.size());
   return detail::visit_storage_kind(cache.format().kind(), [&](auto kind) {
     constexpr StorageKind K = decltype(kind)::value;
     return detail::attend(detail::BlockedKeys<K>{cache.key_side()}, detail::BlockedValues<K>{cache.value_side()},
@@ -309,11 +310,7 @@ PartialAttention partial_attention(const Eigen::MatrixBase<DerivedQ>& scaled_que
   if (first_position < 0) detail::throw_invalid(where, "first_position", "must be >= 0, got " + std::to_string(first_position));
   const RowMatrix<float> queries =
       detail::checked_queries(where, scaled_queries, key_projection.dimension(), "the head dimension");
-  if (visible.queries() != queries.rows()) {
-    detail::throw_invalid(where, "visible", "has " + std::to_string(visible.queries()) + " ranges for " +
-                                                std::to_string(queries.rows()) + " queries");
-  }
-  visible.require_within(where, cache.size());
+  visible.require_fits(where, queries.rows(), cache.size());
   return detail::visit_storage_kind(cache.format().kind(), [&](auto kind) {
     constexpr StorageKind K = decltype(kind)::value;
     const detail::PreRopeKeys<K> keys{cache.key_side(), &key_projection.decoder(), &rope, first_position};
@@ -335,11 +332,7 @@ PartialAttention partial_attention(const Eigen::MatrixBase<DerivedQ>& scaled_que
                                                std::to_string(keys.rows()));
   }
   const RowMatrix<float> queries = detail::checked_queries(where, scaled_queries, keys.cols(), "the key width");
-  if (visible.queries() != queries.rows()) {
-    detail::throw_invalid(where, "visible", "has " + std::to_string(visible.queries()) + " ranges for " +
-                                                std::to_string(queries.rows()) + " queries");
-  }
-  visible.require_within(where, keys.rows());
+  visible.require_fits(where, queries.rows(), keys.rows());
   return detail::attend(detail::RowKeys<typename DerivedK::Scalar>{detail::cache_rows(keys)},
                         detail::RowValues<typename DerivedV::Scalar>{detail::cache_rows(values)}, queries, visible);
 }

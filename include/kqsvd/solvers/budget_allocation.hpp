@@ -170,10 +170,7 @@ class LossWeights {
   }
 
   std::size_t slot(const char* which, Index layer, Index kv_head) const {
-    const std::string where = std::string("kqsvd::LossWeights::") + which;
-    shape_.require_layer(where.c_str(), layer);
-    shape_.require_kv_head(where.c_str(), kv_head);
-    return static_cast<std::size_t>(layer * shape_.kv_heads + kv_head);
+    return shape_.kv_head_slot("kqsvd::LossWeights", which, layer, kv_head);
   }
 
   ModelShape shape_;
@@ -273,7 +270,7 @@ template <typename Scalar>
 double predicted_loss(const ModelProjections<Scalar>& projections, const LossWeights& weights, const RankAllocation& ranks) {
   constexpr const char* where = "kqsvd::predicted_loss";
   const ModelShape& shape = projections.shape();
-  if (!(weights.shape() == shape) || !(ranks.shape() == shape)) {
+  if (weights.shape() != shape || ranks.shape() != shape) {
     detail::throw_invalid(where, "weights, ranks", "must be for the projections' model " + kqsvd::to_string(shape));
   }
   double loss = 0.0;
@@ -316,7 +313,7 @@ LossAwareAllocation loss_aware_allocation(const ModelProjections<Scalar>& projec
   constexpr const char* where = "kqsvd::loss_aware_allocation";
   using Index = Eigen::Index;
   const ModelShape& shape = projections.shape();
-  if (!(weights.shape() == shape)) {
+  if (weights.shape() != shape) {
     detail::throw_invalid(where, "weights", "are for a model of shape " + kqsvd::to_string(weights.shape()) +
                                                 ", the projections for " + kqsvd::to_string(shape));
   }
@@ -338,9 +335,9 @@ LossAwareAllocation loss_aware_allocation(const ModelProjections<Scalar>& projec
 
   // One unit per (layer, kind, KV head); gains of its steps beyond min_rank, in order.
   struct Unit {
-    Index layer, kv_head, max_rank;
+    Index layer, kv_head;
     bool key;
-    std::vector<double> gains;
+    std::vector<double> gains;  // one per step from min_rank up to the unit's largest rank
   };
   std::vector<Unit> units;  // [((layer * 2) + value) * kv_heads + kv_head]
   units.reserve(static_cast<std::size_t>(2 * shape.layers * shape.kv_heads));
@@ -363,7 +360,7 @@ LossAwareAllocation loss_aware_allocation(const ModelProjections<Scalar>& projec
         }
         const double w = key ? weights.key(l, h) : weights.value(l, h);
         const Eigen::VectorXd& s = p.singular_values();
-        Unit unit{l, h, cap, key, {}};
+        Unit unit{l, h, key, {}};
         for (Index r = min_rank; r < cap; r += step) {
           const double energy = s.segment(r, step).squaredNorm();
           unit.gains.push_back(total > 0.0 ? w * energy / total : 0.0);

@@ -30,6 +30,16 @@ inline const char* to_string(Method method) {
   return "unknown";
 }
 
+// "KQ-SVD", "K-SVD", "Eigen Attention": the names the papers use, for tables and plots.
+inline std::string display_name(Method method) {
+  switch (method) {
+    case Method::kq_svd: return "KQ-SVD";
+    case Method::k_svd: return "K-SVD";
+    case Method::eigen_attention: return "Eigen Attention";
+  }
+  return to_string(method);
+}
+
 // Accepts the names to_string() gives, and a few spellings users type: "kq-svd", "k-svd", "eigen-attention".
 inline Method parse_method(const std::string& name) {
   if (name == "kqsvd" || name == "kq-svd" || name == "kq_svd") return Method::kq_svd;

@@ -86,10 +86,7 @@ class RankAllocation {
   }
 
   std::size_t slot(const char* which, Index layer, Index kv_head) const {
-    const std::string where = std::string("kqsvd::RankAllocation::") + which;
-    shape_.require_layer(where.c_str(), layer);
-    shape_.require_kv_head(where.c_str(), kv_head);
-    return static_cast<std::size_t>(layer * shape_.kv_heads + kv_head);
+    return shape_.kv_head_slot("kqsvd::RankAllocation", which, layer, kv_head);
   }
 
   static std::string describe(const std::vector<Index>& ranks) {
