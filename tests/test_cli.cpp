@@ -420,6 +420,7 @@ TEST_F(Cli, FitWithABudgetSpendsItUniformlyOrWhereTheLossNeedsIt) {
   expect_usage_error(fit_with({"--budget", "0.5", "--value-rank", "2"}), "--value-rank goes with --rank or --eps");
   expect_usage_error(fit_with({"--rank", "2", "--sensitivity", weights}), "--sensitivity needs --budget");
   expect_usage_error(fit_with({"--budget", "0.5", "--budget-sharing", "both"}), "--budget-sharing must be joint or separate");
+  expect_usage_error(fit_with({"--budget", "0.5", "--budget-sharing", "separate"}), "--budget-sharing needs --sensitivity");
   expect_usage_error(fit_with({"--budget", "0.5", "--latents", "q4_0"}), "do not divide head_dim 8");
   const auto expect_data_error = [](const Result& result, const std::string& problem) {
     EXPECT_EQ(result.exit_code, 1) << result.err;

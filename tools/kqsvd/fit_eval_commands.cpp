@@ -42,7 +42,8 @@ The files are streamed one at a time: memory does not grow with their number or 
                    (kqsvd::loss_aware_allocation), optimal for the measured weights.
   --sensitivity FILE  loss weights per layer (docs/sensitivity.md; kqsvd-llama probe writes them) for
                    the same model, method and RoPE mode; needs --budget
-  --budget-sharing S  joint (default): keys and values draw on one budget; separate: half each
+  --budget-sharing S  with --sensitivity: joint (default), keys and values draw on one budget;
+                   separate, half each
   --latents FORMAT the storage format the budget is counted in (default f32): ranks become multiples
                    of its block, bytes include its scales
   --weights FILE   output-projection weights (layers.{l}.o_proj or a Hugging Face
@@ -132,15 +133,17 @@ int fit_command(const std::vector<std::string>& words) {
   const std::optional<std::string> sensitivity_path = args.value("--sensitivity");
   const std::optional<std::string> sharing_name = args.value("--budget-sharing");
   const std::optional<std::string> latents_name = args.value("--latents");
+  if (sharing_name && *sharing_name != "joint" && *sharing_name != "separate") {
+    throw UsageError("--budget-sharing must be joint or separate, got '" + *sharing_name + "'");
+  }
   if (!budget_fraction) {
     for (const char* option : {"--sensitivity", "--budget-sharing", "--latents"}) {
       if (args.value(option)) throw UsageError(std::string(option) + " needs --budget");
     }
   } else if (value_rank) {
     throw UsageError("--value-rank goes with --rank or --eps; --budget chooses value ranks too");
-  }
-  if (sharing_name && *sharing_name != "joint" && *sharing_name != "separate") {
-    throw UsageError("--budget-sharing must be joint or separate, got '" + *sharing_name + "'");
+  } else if (sharing_name && !sensitivity_path) {
+    throw UsageError("--budget-sharing needs --sensitivity: without it every projection gets the same rank");
   }
   const BudgetSharing sharing = sharing_name && *sharing_name == "separate" ? BudgetSharing::separate : BudgetSharing::joint;
   StorageFormat latents;
