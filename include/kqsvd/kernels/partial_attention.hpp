@@ -218,8 +218,9 @@ PartialAttention attend(const Keys& keys, const Values& values, const RowMatrix<
       const auto make_scratch = [&] {
         DecodeScratch scratch;
         scratch.scores.resize(m, Keys::tile_rows);
-        scratch.keys.resize(static_cast<std::size_t>(keys.width() * Keys::tile_rows));
-        scratch.values.resize(static_cast<std::size_t>(values.width() * Keys::tile_rows));
+        // Only what the sources convert into (zeroing whole tiles per call cost as much as a 2-bit decode).
+        scratch.keys.resize(static_cast<std::size_t>(keys.decode_buffer_floats()));
+        scratch.values.resize(static_cast<std::size_t>(values.decode_buffer_floats()));
         return scratch;
       };
       const auto run = [&](Index task, DecodeScratch& scratch, SoftmaxStates& state) {

@@ -348,12 +348,13 @@ void group_scale(const std::uint8_t* block, const BlockLayout& layout, Index g, 
 }
 
 #ifdef __AVX2__
-// The decode strategy for one query, with AVX2 and FMA: codes are converted in registers, eight tokens at
-// a time, and multiplied in the same step -- never stored as floats and read again (measured: 1.5-3x
+// The decode strategy for one query, with AVX2 and FMA: codes are converted in registers, eight or more
+// tokens at a time, and multiplied in the same step -- never stored as floats and read again (measured: 1.5-3x
 // fewer instructions per element than converting a chunk first; bench/README.md). Only with AVX2: the
 // portable path below is the same arithmetic in another order.
 
-// Codes of tokens [8k, 8k + 8) of a run as 8 floats.
+// Codes of tokens [8k, 8k + 8) of a run of 8-, 16- or 32-bit codes as 8 floats (fp8 and the packed
+// formats are read sixteen or more tokens at a time, below).
 template <StorageKind Kind>
 inline __m256 load_codes8(const std::uint8_t* run, Index k) {
   if constexpr (Kind == StorageKind::f32) {
@@ -363,35 +364,57 @@ inline __m256 load_codes8(const std::uint8_t* run, Index k) {
   } else if constexpr (Kind == StorageKind::bf16) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(run + 16 * k)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  } else if constexpr (Kind == StorageKind::fp8_e5m2 || Kind == StorageKind::fp8_e4m3) {
-    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(run + 8 * k)));
-    if constexpr (Kind == StorageKind::fp8_e5m2) return _mm256_cvtph_ps(_mm_slli_epi16(bytes, 8));
-    // E4M3: sign to bit 15, exponent and mantissa down one bit into float16's: the value times 2^-8
-    // (the callers scale by e4m3_scale once, exactly).
-    const __m128i shifted = _mm_slli_epi16(bytes, 7);
-    const __m128i sign = _mm_and_si128(_mm_slli_epi16(shifted, 1), _mm_set1_epi16(static_cast<short>(0x8000)));
-    return _mm256_cvtph_ps(_mm_or_si128(sign, _mm_and_si128(shifted, _mm_set1_epi16(0x3f80))));
-  } else if constexpr (Kind == StorageKind::int8 || Kind == StorageKind::q8_0) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(run + 8 * k))));
-  } else if constexpr (Kind == StorageKind::q4_0 || Kind == StorageKind::int4) {
-    // Token t: byte t mod 64, its low nibble for t < 64, its high one after.
-    const Index token = 8 * k;
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(run + token % 64)));
-    const __m256i code = _mm256_and_si256(_mm256_srli_epi32(bytes, token < 64 ? 0 : 4), _mm256_set1_epi32(0x0f));
-    return _mm256_cvtepi32_ps(code);
   } else {
-    static_assert(Kind == StorageKind::int2, "every storage kind has its conversion");
-    // Token t: byte t mod 32, bits 2 (t / 32) and up.
-    const Index token = 8 * k;
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(run + token % 32)));
-    const __m256i code = _mm256_and_si256(_mm256_srl_epi32(bytes, _mm_cvtsi64_si128(2 * (token / 32))), _mm256_set1_epi32(0x03));
-    return _mm256_cvtepi32_ps(code);
+    static_assert(Kind == StorageKind::int8 || Kind == StorageKind::q8_0, "fp8 and packed codes have their own loads");
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(run + 8 * k))));
   }
 }
 
-// load_codes8 gives E4M3 values times 2^-8: the factor that makes them exact.
+// The fp8 loads give E4M3 values times 2^-8: the factor that makes them exact.
 template <StorageKind Kind>
 inline constexpr float load_scale = Kind == StorageKind::fp8_e4m3 ? 256.0f : 1.0f;
+
+// The codes of a run of 4- or 2-bit codes, a byte's worth of tokens at a time: one load and widening of
+// 8 bytes yields the codes of 16 tokens (4-bit: token t and t + 64 share byte t mod 64) or 32 tokens
+// (2-bit: tokens t, t + 32, t + 64, t + 96 share byte t mod 32), so the conversion is paid once per byte
+// rather than once per code (measured: bench/README.md). `codes[p]` are the tokens of field p of bytes
+// [8k, 8k + 8).
+template <StorageKind Kind>
+inline constexpr int fields_per_byte = Kind == StorageKind::int2 ? 4 : 2;
+
+template <StorageKind Kind>
+inline void load_packed_codes(const std::uint8_t* run, Index k, __m256* codes) {
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(run + 8 * k)));
+  if constexpr (Kind == StorageKind::int2) {
+    const __m256i mask = _mm256_set1_epi32(0x03);
+    codes[0] = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, mask));
+    codes[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(bytes, 2), mask));
+    codes[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(bytes, 4), mask));
+    codes[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 6));  // the top field needs no mask
+  } else {
+    codes[0] = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0f)));
+    codes[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+  }
+}
+
+template <StorageKind Kind>
+inline constexpr bool packed_kind = Kind == StorageKind::q4_0 || Kind == StorageKind::int4 || Kind == StorageKind::int2;
+
+// Sixteen fp8 codes of a run, tokens [16k, 16k + 16), as two vectors of 8 floats: each code is moved
+// into the high byte of a 16-bit lane by one unpack, which for E5M2 already is the float16 pattern and
+// for E4M3 becomes it after an arithmetic shift (sign into bits 15 and 14) and clearing bit 14: the value
+// times 2^-8 (see load_scale).
+template <StorageKind Kind>
+inline void load_fp8_codes16(const std::uint8_t* run, Index k, __m256* codes) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(run + 16 * k));
+  __m128i halves[2] = {_mm_unpacklo_epi8(_mm_setzero_si128(), bytes), _mm_unpackhi_epi8(_mm_setzero_si128(), bytes)};
+  for (int i = 0; i < 2; ++i) {
+    if constexpr (Kind == StorageKind::fp8_e4m3) {
+      halves[i] = _mm_and_si128(_mm_srai_epi16(halves[i], 1), _mm_set1_epi16(static_cast<short>(0xbfff)));
+    }
+    codes[i] = _mm256_cvtph_ps(halves[i]);
+  }
+}
 
 // raw[t] = sum over elements j in [first, last) of query[j] * code_j(t), for the block's tokens t.
 template <StorageKind Kind>
@@ -404,9 +427,37 @@ inline void score_elements(const std::uint8_t* block, const BlockLayout& layout,
     for (Index j = first; j < last; ++j) {
       const std::uint8_t* run = block + layout.run_offset(j);
       const __m256 q = _mm256_set1_ps(query[j] * load_scale<Kind>);
-      for (Index k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(q, load_codes8<Kind>(run, 8 * half + k), acc[k]);
+      if constexpr (packed_kind<Kind>) {
+        // Pass `half` reads 64 / fields bytes: 4-bit, bytes [32 half, 32 half + 32) hold tokens
+        // 32 half + [0, 32) and 64 + 32 half + [0, 32); 2-bit, bytes [16 half, 16 half + 16) hold
+        // 16 half + 32 p + [0, 16) for p = 0..3.
+        constexpr int fields = fields_per_byte<Kind>;
+        constexpr Index loads = 8 / fields;
+        for (Index k = 0; k < loads; ++k) {
+          __m256 codes[fields];
+          load_packed_codes<Kind>(run, loads * half + k, codes);
+          for (int p = 0; p < fields; ++p) acc[p * loads + k] = _mm256_fmadd_ps(q, codes[p], acc[p * loads + k]);
+        }
+      } else if constexpr (Kind == StorageKind::fp8_e4m3 || Kind == StorageKind::fp8_e5m2) {
+        for (Index k = 0; k < 4; ++k) {
+          __m256 codes[2];
+          load_fp8_codes16<Kind>(run, 4 * half + k, codes);
+          acc[2 * k] = _mm256_fmadd_ps(q, codes[0], acc[2 * k]);
+          acc[2 * k + 1] = _mm256_fmadd_ps(q, codes[1], acc[2 * k + 1]);
+        }
+      } else {
+        for (Index k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(q, load_codes8<Kind>(run, 8 * half + k), acc[k]);
+      }
     }
-    for (Index k = 0; k < 8; ++k) _mm256_storeu_ps(raw + 64 * half + 8 * k, acc[k]);
+    if constexpr (packed_kind<Kind>) {
+      constexpr int fields = fields_per_byte<Kind>;
+      constexpr Index loads = 8 / fields, field_tokens = block_rows / fields;
+      for (int p = 0; p < fields; ++p) {
+        for (Index k = 0; k < loads; ++k) _mm256_storeu_ps(raw + p * field_tokens + 8 * (loads * half + k), acc[p * loads + k]);
+      }
+    } else {
+      for (Index k = 0; k < 8; ++k) _mm256_storeu_ps(raw + 64 * half + 8 * k, acc[k]);
+    }
   }
 }
 
@@ -417,8 +468,28 @@ inline void accumulate_elements(const std::uint8_t* block, const BlockLayout& la
   for (Index j = first; j < last; ++j) {
     const std::uint8_t* run = block + layout.run_offset(j);
     __m256 partial[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (Index k = 0; k < 16; ++k) {
-      partial[k % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(weights + 8 * k), load_codes8<Kind>(run, k), partial[k % 4]);
+    if constexpr (packed_kind<Kind>) {
+      constexpr int fields = fields_per_byte<Kind>;
+      constexpr Index loads = 16 / fields, field_tokens = block_rows / fields;
+      for (Index k = 0; k < loads; ++k) {
+        __m256 codes[fields];
+        load_packed_codes<Kind>(run, k, codes);
+        for (int p = 0; p < fields; ++p) {
+          const Index slot = (p * loads + k) % 4;
+          partial[slot] = _mm256_fmadd_ps(_mm256_loadu_ps(weights + p * field_tokens + 8 * k), codes[p], partial[slot]);
+        }
+      }
+    } else if constexpr (Kind == StorageKind::fp8_e4m3 || Kind == StorageKind::fp8_e5m2) {
+      for (Index k = 0; k < 8; ++k) {
+        __m256 codes[2];
+        load_fp8_codes16<Kind>(run, k, codes);
+        partial[(2 * k) % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(weights + 16 * k), codes[0], partial[(2 * k) % 4]);
+        partial[(2 * k + 1) % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(weights + 16 * k + 8), codes[1], partial[(2 * k + 1) % 4]);
+      }
+    } else {
+      for (Index k = 0; k < 16; ++k) {
+        partial[k % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(weights + 8 * k), load_codes8<Kind>(run, k), partial[k % 4]);
+      }
     }
     const __m256 sum = _mm256_add_ps(_mm256_add_ps(partial[0], partial[1]), _mm256_add_ps(partial[2], partial[3]));
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
@@ -540,6 +611,8 @@ struct BlockedKeys {
     return StridedFloatColumns(buffer, count, width(), Eigen::OuterStride<>(block_rows));
   }
   Index tile_buffer_floats() const { return block_rows * width(); }
+  // The decode strategy converts into the thread's BlockScratch.
+  Index decode_buffer_floats() const { return 0; }
 };
 
 template <StorageKind Kind>
@@ -594,6 +667,7 @@ struct BlockedValues {
     return StridedFloatColumns(buffer, count, width(), Eigen::OuterStride<>(block_rows));
   }
   Index tile_buffer_floats() const { return block_rows * width(); }
+  Index decode_buffer_floats() const { return 0; }
 };
 
 // Pre-RoPE key latents: tile = rotate((k A) B^T) by position, as float rows (block_rows x d).
