@@ -464,6 +464,68 @@ TEST_F(Cli, ProbeWritesASensitivityFileThatFitAccepts) {
   EXPECT_EQ(fit.exit_code, 0) << fit.err;
 }
 
+// kqsvd-llama frontier on stories260K (head_dim 8), a small sweep: every configuration measured once, the
+// JSON's bits from the caches' bytes (the full f16 cache exactly 16), the Pareto flags consistent with
+// the numbers, the recommendation the best within the budget; bad budgets refused before any work.
+TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
+  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
+  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
+  const std::string common = "OMP_NUM_THREADS=1 " + quote(llama) + " frontier --model " + quote(model_dir + "/stories260K.bin") +
+                             " --tokenizer " + quote(model_dir + "/tok512.bin") + " --text " +
+                             quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+                             " --calib-stories 0:6 --eval-stories 6:9 --max-tokens 48 --ratios 0.5 --methods kqsvd" +
+                             " --latent-formats f16,int4/4 --full-formats f16,int8 --decode-tokens 4";
+  const std::string report = path("frontier.json"), out = path("best.safetensors");
+  const std::string command = common + " --h2o 0.25 --budget-bits 9 --out " + quote(out) + " --json " + quote(report) + " > " +
+                              quote(path("frontier.txt")) + " 2>&1";
+  ASSERT_EQ(std::system(command.c_str()), 0) << kqsvd::test::read_file(path("frontier.txt"));
+  const json frontier = json::parse(kqsvd::test::read_file(report));
+  EXPECT_EQ(frontier.at("model"), "stories260K");
+  EXPECT_EQ(frontier.at("eval_stories"), "6:9");
+  EXPECT_EQ(frontier.at("max_tokens"), 48);
+  std::map<std::string, json> configs;
+  for (const json& c : frontier.at("configs")) configs[c.at("config").get<std::string>()] = c;
+  for (const char* name : {"full-f16", "full-int8", "h2o-25%-f16", "kqsvd-uniform-50%-f16", "kqsvd-uniform-50%-int4/4",
+                           "kqsvd-uniform-50%-f16+w32", "h2o-25%+kqsvd-uniform-50%-f16", "online-svd-50%-f16"}) {
+    ASSERT_TRUE(configs.count(name)) << name;
+    EXPECT_GT(configs[name].at("tokens_per_s").get<double>(), 0.0) << name;
+  }
+  EXPECT_DOUBLE_EQ(configs["full-f16"].at("bits_per_element").get<double>(), 16.0);
+  EXPECT_DOUBLE_EQ(configs["full-int8"].at("bits_per_element").get<double>(), 8.0 + 16.0 / 8.0);  // a scale per row
+  EXPECT_LT(configs["full-f16"].at("kl").get<double>(), 1e-4);
+  // Latents of rank 4 in f16: 4 x 16 bits per 8 elements.
+  EXPECT_DOUBLE_EQ(configs["kqsvd-uniform-50%-f16"].at("bits_per_element").get<double>(), 8.0);
+  // Pareto: a configuration is flagged exactly when none has at most its bits and KL, one strictly.
+  for (const auto& [name, c] : configs) {
+    bool dominated = false;
+    for (const auto& [other_name, o] : configs) {
+      const double b = c.at("bits_per_element"), k = c.at("kl"), ob = o.at("bits_per_element"), ok = o.at("kl");
+      dominated = dominated || (ob <= b && ok <= k && (ob < b || ok < k));
+    }
+    EXPECT_EQ(c.at("pareto").get<bool>(), !dominated) << name;
+  }
+  // The recommendation: the least KL within 9 bits.
+  std::string best;
+  for (const auto& [name, c] : configs) {
+    if (c.at("bits_per_element").get<double>() <= 9.0 && (best.empty() || c.at("kl") < configs[best].at("kl"))) best = name;
+  }
+  const std::string text = kqsvd::test::read_file(path("frontier.txt"));
+  EXPECT_NE(text.find("recommended within 9.00 bits per element: " + best), std::string::npos) << text;
+  EXPECT_EQ(fs::exists(out), configs[best].contains("ranks")) << best;
+
+  const auto refused = [&](const std::string& options, const std::string& problem) {
+    const std::string failing = common + " " + options + " > " + quote(path("refused.txt")) + " 2>&1";
+    const int status = std::system(failing.c_str());
+    EXPECT_EQ(WEXITSTATUS(status), 2) << options;
+    EXPECT_NE(kqsvd::test::read_file(path("refused.txt")).find(problem), std::string::npos)
+        << kqsvd::test::read_file(path("refused.txt"));
+  };
+  refused("--budget-bits 0.5", "--budget-bits 0.50 is below every configuration");
+  refused("--out " + quote(path("x.safetensors")), "--out needs --budget-bits");
+  refused("--h2o 1", "nothing would be evicted");
+  refused("--h2o 0", "--h2o");
+}
+
 // --latents int8: the errors of the latents as an int8 cache holds them, and its bits: rank 4 of 8, each
 // latent row 4 codes and a float16 scale (6 bytes), keys and values, over 2 x 8 full elements.
 TEST_F(Cli, EvalWithQuantizedLatentsMeasuresTheStoredLatents) {

@@ -7,6 +7,8 @@
 
 #include <kqsvd/llama/calibration.hpp>
 #include <kqsvd/llama/compressed_kv_cache.hpp>
+#include <kqsvd/llama/heavy_hitter_kv_cache.hpp>
+#include <kqsvd/llama/online_svd_kv_cache.hpp>
 #include <kqsvd/solvers/budget_allocation.hpp>
 #include <kqsvd/llama/likelihood.hpp>
 #include <kqsvd/llama/tokenizer.hpp>
@@ -539,6 +541,152 @@ TEST(CompressedKvCacheCalibration, UniformRanksAndErrorBudgetsReachTheTargetRati
       EXPECT_DOUBLE_EQ(fit.ranks.compression_ratio(), static_cast<double>(latent) / (5 * 4 * 2 * 8));
     }
   }
+}
+
+
+// ------------------------------------------------------------------------------------------------
+// H2O and the online SVD baseline
+
+template <typename Function>
+void expect_invalid_argument(Function&& call, const std::string& fragment) {
+  const std::string message = invalid_argument_of(std::forward<Function>(call));
+  EXPECT_NE(message.find(fragment), std::string::npos) << message;
+}
+
+TEST(HeavyHitterKvCache, BudgetCoveringTheSequenceReproducesTheFullCache) {
+  const Stories260K& s = stories260k();
+  const std::vector<int> tokens = s.story(0, 40);
+  FullKvCache full(s.model.shape(), s.model.rotary_embedding());
+  const RowMatrix expected = logits_in_blocks(s.model, tokens, full);
+  kqsvd::llama::HeavyHitterKvCache cache(s.model.shape(), s.model.rotary_embedding(), kqsvd::HeavyHitterBudget{20, 20});
+  const float tolerance = 1e-4f * std::max(1.0f, expected.cwiseAbs().maxCoeff());
+  EXPECT_LT(max_abs_difference(logits_in_blocks(s.model, tokens, cache), expected), tolerance);
+  // A budget of 12 tokens evicts, and changes the logits: the comparison has teeth.
+  kqsvd::llama::HeavyHitterKvCache small(s.model.shape(), s.model.rotary_embedding(), kqsvd::HeavyHitterBudget{6, 6});
+  EXPECT_GT(max_abs_difference(logits_in_blocks(s.model, tokens, small), expected), 100 * tolerance);
+  // Held: 12 tokens per head and layer, each its rows plus one float of accumulated attention.
+  const ModelShape& shape = s.model.shape();
+  EXPECT_EQ(small.bytes(), static_cast<std::size_t>(shape.layers * shape.kv_heads * 12 * (2 * shape.head_dim * 4 + 4)));
+  EXPECT_EQ(small.head(2, 1).positions().back(), 39);
+}
+
+TEST(HeavyHitterKvCache, BlockPrefillEqualsTokenByTokenDecodeAloneAndOnLatents) {
+  const Stories260K& s = stories260k();
+  const std::vector<int> tokens = s.story(1, 36);
+  const kqsvd::HeavyHitterBudget budget{5, 4};
+  const ModelProjections<float> rank4 = full_rank_projections(Method::kq_svd, RopeMode::post_rope)
+                                            .truncated(kqsvd::RankAllocation::uniform(s.model.shape(), 4, 4));
+  // Latents in float32: in float16, the last-bit differences between a block's and a token's arithmetic
+  // can round one latent the other way, and eviction, a discrete choice, amplifies that (measured: 0.014
+  // in the logits, every head's final set of tokens still the same).
+  for (const bool low_rank : {false, true}) {
+    SCOPED_TRACE(low_rank ? "on latents" : "alone");
+    const auto make = [&] {
+      return low_rank ? kqsvd::llama::HeavyHitterKvCache(s.model.shape(), s.model.rotary_embedding(), budget,
+                                                         StorageFormat(), rank4)
+                      : kqsvd::llama::HeavyHitterKvCache(s.model.shape(), s.model.rotary_embedding(), budget,
+                                                         StorageFormat::parse("f16"));
+    };
+    kqsvd::llama::HeavyHitterKvCache decode_cache = make(), block_cache = make();
+    const RowMatrix decode = logits_in_blocks(s.model, tokens, decode_cache, 1);
+    const float tolerance = 1e-4f * std::max(1.0f, decode.cwiseAbs().maxCoeff());
+    for (const std::size_t block : {std::size_t(0), std::size_t(7)}) {
+      EXPECT_LT(max_abs_difference(logits_in_blocks(s.model, tokens, block_cache, block), decode), tolerance) << block;
+      EXPECT_EQ(block_cache.bytes(), decode_cache.bytes());
+      for (Index l = 0; l < s.model.shape().layers; ++l) {
+        for (Index h = 0; h < s.model.shape().kv_heads; ++h) {
+          EXPECT_EQ(block_cache.head(l, h).positions(), decode_cache.head(l, h).positions()) << l << " " << h;
+        }
+      }
+    }
+  }
+}
+
+TEST(HeavyHitterKvCache, RefusesBadBudgetsProjectionsOfAnotherShapeAndOutOfOrderSteps) {
+  const Stories260K& s = stories260k();
+  expect_invalid_argument(
+      [&] { kqsvd::llama::HeavyHitterKvCache(s.model.shape(), s.model.rotary_embedding(), kqsvd::HeavyHitterBudget{4, 0}); },
+      "budget.recent");
+  const ModelProjections<float> other = random_projections(synthetic_shape, {2, 2}, {2, 2}, 1);
+  expect_invalid_argument(
+      [&] {
+        kqsvd::llama::HeavyHitterKvCache(s.model.shape(), s.model.rotary_embedding(), kqsvd::HeavyHitterBudget{4, 4},
+                                         StorageFormat(), other);
+      },
+      "projections");
+  kqsvd::llama::HeavyHitterKvCache cache(s.model.shape(), s.model.rotary_embedding(), kqsvd::HeavyHitterBudget{4, 4});
+  const Index width = s.model.shape().kv_width();
+  cache.append(0, RowMatrix::Ones(3, width), RowMatrix::Ones(3, width), 0);
+  expect_invalid_argument([&] { cache.attend(0, RowMatrix::Ones(1, s.model.shape().query_width()), 1); },
+                          "attends every position once, in order");
+}
+
+// The principal directions of rows, from their SVD in double: the projector onto the top r.
+Eigen::MatrixXd svd_projector(const RowMatrix& rows, Index rank) {
+  const Eigen::JacobiSVD<Eigen::MatrixXd> svd(rows.cast<double>(), Eigen::ComputeThinV);
+  const Eigen::MatrixXd v = svd.matrixV().leftCols(rank);
+  return v * v.transpose();
+}
+
+TEST(OnlineSvdKvCache, StoresEveryTokenOnThePromptsOwnPrincipalDirections) {
+  const ModelShape& shape = synthetic_shape;
+  const Index d = shape.head_dim, prompt = 24, later = 6, rank = 3;
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
+    SCOPED_TRACE(to_string(mode));
+    std::mt19937 engine(41);
+    const RowMatrix keys = uniform(prompt + later, shape.kv_width(), engine);
+    const RowMatrix values = uniform(prompt + later, shape.kv_width(), engine);
+    kqsvd::llama::OnlineSvdKvCache cache(shape, adjacent_rope, rank, rank, StorageFormat(), mode);
+    cache.append(0, keys.topRows(prompt), values.topRows(prompt), 0);
+    EXPECT_TRUE(cache.fitted(0));
+    cache.append(0, keys.bottomRows(later), values.bottomRows(later), prompt);
+    // Independent: the bases from the SVD, in double, of the prompt's keys (rotated post-RoPE, as they are
+    // pre-RoPE) and values; attention through the cache equals the definition's attention with them as
+    // A = B, for the later tokens' queries.
+    RowMatrix basis_keys = keys;
+    if (mode == RopeMode::post_rope) {
+      for (Index h = 0; h < shape.kv_heads; ++h) adjacent_rope.rotate(basis_keys.middleCols(h * d, d), 0);
+    }
+    const RowMatrix queries = uniform(later, shape.query_width(), engine);
+    const RowMatrix output = cache.attend(0, queries, prompt);
+    std::vector<LowRankProjection<float>> key_bases, value_bases;
+    for (Index h = 0; h < shape.kv_heads; ++h) {
+      const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> key_eigen(svd_projector(basis_keys.block(0, h * d, prompt, d), rank));
+      const Eigen::MatrixXd key_basis = key_eigen.eigenvectors().rightCols(rank);
+      key_bases.emplace_back(Method::k_svd, key_basis.cast<float>(), key_basis.cast<float>(), Eigen::VectorXd::Ones(d));
+      const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> value_eigen(svd_projector(values.block(0, h * d, prompt, d), rank));
+      const Eigen::MatrixXd value_basis = value_eigen.eigenvectors().rightCols(rank);
+      value_bases.emplace_back(Method::k_svd, value_basis.cast<float>(), value_basis.cast<float>(), Eigen::VectorXd::Ones(d));
+    }
+    const ModelProjections<float> bases(shape, std::move(key_bases), std::move(value_bases));
+    const Eigen::MatrixXd expected = reference_attention(shape, bases, mode, 0, keys, values, queries, prompt);
+    EXPECT_LT((output.cast<double>() - expected).cwiseAbs().maxCoeff(), 1e-4);
+    // Bytes: latents of every token, plus the bases (d x r floats for keys and for values per KV head).
+    EXPECT_EQ(cache.bytes(), static_cast<std::size_t>(shape.kv_heads * ((prompt + later) * 2 * rank * 4 + 2 * d * rank * 4)));
+  }
+}
+
+TEST(OnlineSvdKvCache, FullRankReproducesTheFullCacheAndRanksAreValidated) {
+  const Stories260K& s = stories260k();
+  const std::vector<int> tokens = s.story(0, 40);
+  FullKvCache full(s.model.shape(), s.model.rotary_embedding());
+  const RowMatrix expected = logits_in_blocks(s.model, tokens, full);
+  const Index d = s.model.shape().head_dim;
+  const float tolerance = 1e-3f * std::max(1.0f, expected.cwiseAbs().maxCoeff());
+  for (const RopeMode mode : kqsvd::all_rope_modes) {
+    kqsvd::llama::OnlineSvdKvCache cache(s.model.shape(), s.model.rotary_embedding(), d, d, StorageFormat(), mode);
+    EXPECT_LT(max_abs_difference(logits_in_blocks(s.model, tokens, cache), expected), tolerance) << to_string(mode);
+  }
+  // Rank 2 of 8 on a 20-token prompt: the later tokens are off the prompt's basis, the logits move.
+  kqsvd::llama::OnlineSvdKvCache low(s.model.shape(), s.model.rotary_embedding(), 2, 2);
+  EXPECT_GT(max_abs_difference(logits_in_blocks(s.model, tokens, low, 20), expected), 100 * tolerance);
+  expect_invalid_argument([&] { kqsvd::llama::OnlineSvdKvCache(s.model.shape(), s.model.rotary_embedding(), d + 1, 2); },
+                          "key_rank");
+  expect_invalid_argument([&] { kqsvd::llama::OnlineSvdKvCache(s.model.shape(), s.model.rotary_embedding(), 2, 0); },
+                          "value_rank");
+  expect_invalid_argument(
+      [&] { kqsvd::llama::OnlineSvdKvCache(s.model.shape(), s.model.rotary_embedding(), 4, 4, StorageFormat::parse("q4_0")); },
+      "key_rank");
 }
 
 }  // namespace kqsvd_test_compressed_kv_cache

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates docs/end-to-end/: what KV-cache compression costs real models (kqsvd-llama quality) for
 # every method, RoPE mode, budget, rank allocation (uniform, eps, layer-eps, loss-aware with a joint or
-# separate budget) and window, plus quantized latents with and without a Hadamard rotation.
+# separate budget) and window, plus quantized latents with and without a Hadamard rotation, and the
+# quality-per-byte frontier of every cache (kqsvd-llama frontier: full caches in every format, low rank,
+# H2O, online SVD) on both models.
 #   bash tools/end_to_end.sh            # ~25 minutes on 2 cores
-# Environment: BUILD_DIR (default build-e2e), ONLY=tinyllama|stories|quantized to run one part.
+# Environment: BUILD_DIR (default build-e2e), ONLY=tinyllama|stories|quantized|frontier to run one part.
 set -euo pipefail
 # One OpenMP thread: the sweep runs configurations on every core itself, and decode timings are per core.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -37,4 +39,13 @@ if [ -z "${ONLY:-}" ] || [ "$ONLY" = quantized ]; then
       --max-tokens 256 --ratios 0.25,0.5 --window 0 --rope post --format $format --rotate none,hadamard \
       --allocations uniform,loss-aware --json $out/tinyllama-h64-${format%%/*}.json > $out/tinyllama-h64-${format%%/*}.txt
   done
+fi
+if [ -z "${ONLY:-}" ] || [ "$ONLY" = frontier ]; then
+  "$tool" frontier "${tiny[@]}" --calib-stories 0:200 --eval-stories 2100:2120 --probe-stories 200:216 \
+    --max-tokens 256 --budget-bits 3 \
+    --json $out/frontier-tinyllama-h64.json --plot $out/frontier-tinyllama-h64.svg > $out/frontier-tinyllama-h64.txt
+  # head_dim 8: the formats whose blocks fit rows of 8 (and latents of 4; rank 2 holds no int4 block).
+  "$tool" frontier "${small[@]}" --calib-stories 100:300 --eval-stories 0:20 --probe-stories 300:320 \
+    --max-tokens 512 --full-formats f16,bf16,fp8_e4m3,fp8_e5m2,int8,int4/8,int2/8 --latent-formats f16,int8,int4/4,int2/4 \
+    --json $out/frontier-stories260K.json --plot $out/frontier-stories260K.svg > $out/frontier-stories260K.txt
 fi

@@ -46,7 +46,9 @@
 #include "kqsvd/cache/head_cache.hpp"
 #include "kqsvd/cache/latent_compression.hpp"
 #include "kqsvd/cache/cache_footprint.hpp"
+#include "kqsvd/cache/heavy_hitter_cache.hpp"
 
+#include "kqsvd/kernels/attention_weights.hpp"
 #include "kqsvd/kernels/decode_attention.hpp"
 #include "kqsvd/kernels/partial_attention.hpp"
 #include "kqsvd/kernels/prefill_attention.hpp"

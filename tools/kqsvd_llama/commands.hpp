@@ -12,5 +12,6 @@ int quality_command(const std::vector<std::string>& words);
 int generate_command(const std::vector<std::string>& words);
 int capture_command(const std::vector<std::string>& words);
 int probe_command(const std::vector<std::string>& words);
+int frontier_command(const std::vector<std::string>& words);
 
 }  // namespace kqsvd::cli

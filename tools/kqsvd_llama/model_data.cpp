@@ -61,6 +61,19 @@ const ModelProjections<float>& FullRankProjections::get(Method method, RopeMode 
 
 std::unique_ptr<llama::KvCache> make_cache(const llama::Transformer& model, const CacheConfiguration& configuration,
                                            const ModelProjections<float>* projections) {
+  if (configuration.online_rank > 0) {
+    return std::make_unique<llama::OnlineSvdKvCache>(model.shape(), model.rotary_embedding(), configuration.online_rank,
+                                                     configuration.online_rank, configuration.format,
+                                                     configuration.rope);
+  }
+  if (configuration.eviction) {
+    if (!configuration.method) {
+      return std::make_unique<llama::HeavyHitterKvCache>(model.shape(), model.rotary_embedding(), *configuration.eviction,
+                                                         configuration.format);
+    }
+    return std::make_unique<llama::HeavyHitterKvCache>(model.shape(), model.rotary_embedding(), *configuration.eviction,
+                                                       configuration.format, *projections);
+  }
   if (!configuration.method) {
     return std::make_unique<llama::FullKvCache>(model.shape(), model.rotary_embedding(), configuration.format);
   }

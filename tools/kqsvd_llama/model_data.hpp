@@ -13,6 +13,8 @@
 #include <kqsvd/llama/calibration.hpp>
 #include <kqsvd/llama/compressed_kv_cache.hpp>
 #include <kqsvd/llama/full_kv_cache.hpp>
+#include <kqsvd/llama/heavy_hitter_kv_cache.hpp>
+#include <kqsvd/llama/online_svd_kv_cache.hpp>
 #include <kqsvd/llama/story_text.hpp>
 #include <kqsvd/llama/tokenizer.hpp>
 #include <kqsvd/llama/transformer.hpp>
@@ -69,12 +71,17 @@ class FullRankProjections {
 };
 
 // What a KV cache is made of: the full cache in a format, or latents of a method's projections (at
-// per-head ranks) in a format, post- or pre-RoPE, optionally with the last `window` tokens exact.
+// per-head ranks) in a format, post- or pre-RoPE, optionally with the last `window` tokens exact; either
+// of them under H2O eviction (`eviction`: the tokens kept per head; post-RoPE latents only). Or, with
+// `online_rank` > 0, no calibration at all: each sequence's own SVD at that rank of its `rope` keys
+// (llama::OnlineSvdKvCache), whose prompt is the first half of each story (QualityEvaluator).
 struct CacheConfiguration {
   std::optional<Method> method;  // none: the full cache
   RopeMode rope = RopeMode::post_rope;
   Eigen::Index window = 0;
   StorageFormat format;
+  std::optional<HeavyHitterBudget> eviction;
+  Eigen::Index online_rank = 0;
 };
 
 // The cache of a configuration; `projections` (at the chosen ranks) when it is compressed.

@@ -31,7 +31,8 @@ class QualityEvaluator {
   // Runs every story through the full cache once: the reference predictions.
   QualityEvaluator(const llama::Transformer& model, Sequences stories);
 
-  // Every story as one prefill block through the configuration's cache, compared with the reference.
+  // Every story as one prefill block through the configuration's cache (the online SVD's: its first half,
+  // the prompt, then the rest), compared with the reference.
   QualityRow evaluate(const CacheConfiguration& configuration, const ModelProjections<float>* projections) const;
 
   // Tokens per second decoding the first story token by token (`tokens` of it), best of three runs.

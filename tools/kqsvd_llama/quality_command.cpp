@@ -240,7 +240,15 @@ QualityRow QualityEvaluator::evaluate(const CacheConfiguration& configuration, c
   for (std::size_t s = 0; s < stories_.size(); ++s) {
     const std::vector<int>& tokens = stories_[s];
     cache->reset();
-    const RowMatrix<float> logits = model_->forward(tokens, *cache);
+    // The online SVD fits its basis on a prompt: the first half of the story, then the rest is decoded
+    // on it (one block: attention is per query, so that equals token-by-token decoding).
+    const std::size_t prompt = configuration.online_rank > 0 ? std::max<std::size_t>(1, tokens.size() / 2) : tokens.size();
+    RowMatrix<float> logits = model_->forward(std::vector<int>(tokens.begin(), tokens.begin() + static_cast<long>(prompt)), *cache);
+    if (prompt < tokens.size()) {
+      const RowMatrix<float> rest = model_->forward(std::vector<int>(tokens.begin() + static_cast<long>(prompt), tokens.end()), *cache);
+      logits.conservativeResize(logits.rows() + rest.rows(), Eigen::NoChange);
+      logits.bottomRows(rest.rows()) = rest;
+    }
     const auto predicted = static_cast<Eigen::Index>(tokens.size()) - 1;
     row.comparison.add(reference_[s].topRows(predicted), logits.topRows(predicted),
                        std::vector<int>(tokens.begin() + 1, tokens.end()));
@@ -419,7 +427,7 @@ int quality_command(const std::vector<std::string>& words) {
     auto found = sensitivities.find(key);
     if (found == sensitivities.end()) {
       const SensitivityProbe probe =
-          measure_sensitivity(*prober, fitted.get(method, mode), CacheConfiguration{method, mode, 0, format}, rank);
+          measure_sensitivity(*prober, fitted.get(method, mode), CacheConfiguration{method, mode, 0, format, std::nullopt, 0}, rank);
       found = sensitivities.emplace(key, probe.weights).first;
       std::cerr << "probed " << to_string(method) << " " << to_string(mode) << " at rank " << rank << " ("
                 << fixed(elapsed(), 0) << " s)\n";
@@ -469,7 +477,7 @@ int quality_command(const std::vector<std::string>& words) {
               row.window = w;
               rows.push_back(row);
               chosen.push_back(rotation == "hadamard" ? hadamard_rotated(truncated) : truncated);
-              configurations.push_back(CacheConfiguration{method, mode, w, format});
+              configurations.push_back(CacheConfiguration{method, mode, w, format, std::nullopt, 0});
             }
           }
         }

@@ -6,6 +6,7 @@
 //   cache.append(key_proj, value_proj, K_new, V_new);   // T x d float rows, compressed and stored here
 //   auto out = kqsvd::decode_attention(key_proj, value_proj, q, cache);   // kernels/decode_attention.hpp
 //   cache.size();  cache.bytes();                       // tokens, bytes held (codes, scales, minimums)
+//   cache.retain({0, 5, 7});                            // evicts every other token
 //   kqsvd::RowMatrix<float> latents = cache.keys();     // size() x rank, decoded to float
 //
 //   kqsvd::HeadCache full(d, d, kqsvd::StorageFormat::parse("q8_0"));   // a quantized full cache
@@ -140,6 +141,38 @@ inline void load_token(const std::uint8_t* block, const BlockLayout& layout, Eig
   }
 }
 
+// Copies the stored bits of the token at `from_slot` of one block to `to_slot` of another (or the
+// same): codes, scales and minimums unchanged, so that a moved row reads back bit for bit.
+inline void copy_token(const std::uint8_t* from_block, Eigen::Index from_slot, std::uint8_t* to_block,
+                       Eigen::Index to_slot, const BlockLayout& layout) {
+  using Index = Eigen::Index;
+  const int bits = layout.format.code_bits();
+  for (Index g = 0; g < layout.groups(); ++g) {
+    if (layout.format.has_scale()) {
+      std::memmove(to_block + layout.scale_offset(g) + 2 * to_slot, from_block + layout.scale_offset(g) + 2 * from_slot, 2);
+    }
+    if (layout.format.has_minimum()) {
+      std::memmove(to_block + layout.minimum_offset(g) + 2 * to_slot, from_block + layout.minimum_offset(g) + 2 * from_slot, 2);
+    }
+  }
+  const Index per_byte = bits >= 8 ? 1 : 8 / bits, stride = layout.tokens / per_byte;
+  for (Index j = 0; j < layout.width; ++j) {
+    const std::uint8_t* from_run = from_block + layout.run_offset(j);
+    std::uint8_t* to_run = to_block + layout.run_offset(j);
+    if (bits >= 8) {
+      const Index bytes = bits / 8;
+      std::memmove(to_run + bytes * to_slot, from_run + bytes * from_slot, static_cast<std::size_t>(bytes));
+    } else {
+      const auto field = static_cast<std::uint8_t>((1 << bits) - 1);
+      const int from_shift = static_cast<int>((from_slot / stride) * bits);
+      const int to_shift = static_cast<int>((to_slot / stride) * bits);
+      const auto code = static_cast<std::uint8_t>((from_run[from_slot % stride] >> from_shift) & field);
+      std::uint8_t& byte = to_run[to_slot % stride];
+      byte = static_cast<std::uint8_t>((byte & ~(field << to_shift)) | (code << to_shift));
+    }
+  }
+}
+
 }  // namespace detail
 
 class HeadCache {
@@ -222,6 +255,36 @@ class HeadCache {
       detail::compress_tile(where, "values", value_projection, values.middleRows(first, count), first, workspace.tile);
       store_latents(where, "values", values_, workspace, first);
     });
+  }
+
+  // Keeps only the tokens at `rows` -- strictly increasing indices below size() -- in that order; the
+  // others leave the cache (eviction, as kqsvd::HeavyHitterCache does). Kept rows move with their stored
+  // bits unchanged, never re-quantized. The capacity stays.
+  void retain(const std::vector<Index>& rows) {
+    constexpr const char* where = "kqsvd::HeadCache::retain";
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i] < 0 || rows[i] >= size_) {
+        detail::throw_invalid(where, "rows",
+                              "holds " + std::to_string(rows[i]) + " at entry " + std::to_string(i) +
+                                  ", outside the cache's tokens [0, " + std::to_string(size_) + ")");
+      }
+      if (i > 0 && rows[i] <= rows[i - 1]) {
+        detail::throw_invalid(where, "rows",
+                              "must be strictly increasing, got " + std::to_string(rows[i - 1]) + " then " +
+                                  std::to_string(rows[i]) + " at entry " + std::to_string(i));
+      }
+    }
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const auto to = static_cast<Index>(i);
+      if (rows[i] == to) continue;
+      // to < rows[i], and slots are filled in increasing order: no kept row is overwritten before it moves.
+      for (Side* side : {&keys_, &values_}) {
+        const Index block_bytes = side->layout.block_bytes;
+        detail::copy_token(side->data() + (rows[i] / block_tokens) * block_bytes, rows[i] % block_tokens,
+                           side->data() + (to / block_tokens) * block_bytes, to % block_tokens, side->layout);
+      }
+    }
+    size_ = static_cast<Index>(rows.size());
   }
 
   // The stored rows decoded to float, one token per row: size() x key_width() and size() x value_width().
