@@ -4,6 +4,11 @@
 set -euo pipefail
 
 packages=(cmake make g++ libeigen3-dev nlohmann-json3-dev googletest libgtest-dev libbenchmark-dev)
+# --python: also what the Python module needs to build and test (tools/test_python.sh).
+if [ "${1:-}" = --python ]; then
+  packages+=(pkg-config python3-dev python3-pip python3-venv python3-setuptools python3-wheel python3-pybind11 pybind11-dev
+             python3-numpy python3-pytest)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
