@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <kqsvd/kqsvd.hpp>
+#include <kqsvd/io/gram_file.hpp>
 #include <kqsvd/io/projection_file.hpp>
 #include <kqsvd/io/sensitivity_file.hpp>
 
@@ -302,6 +303,42 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "load_projections", [](const std::string& path) { return kqsvd::io::ProjectionFile::load(path).projections(); },
       py::arg("path"), "Reads a projection file written by kqsvd fit, save_projections or C++.");
+
+  m.def(
+      "save_grams",
+      [](const std::string& path, const kqsvd::ModelCalibration& calibration, const std::string& model,
+         const std::string& rope, const std::vector<py::object>& output_weights, double rope_theta, const std::string& rope_style,
+         bool overwrite) {
+        std::vector<kqsvd::RowMatrix<float>> weights;
+        for (const py::object& w : output_weights) weights.push_back(rows_of<float>("save_grams", "output_weights", w));
+        kqsvd::io::GramFileInfo info;
+        info.model = model;
+        info.rope = kqsvd::parse_rope_mode(rope);
+        info.rope_theta = rope_theta;
+        info.rope_style = kqsvd::parse_rope_style(rope_style);
+        info.producer = std::string("kqsvd python ") + kqsvd::version_string;
+        kqsvd::io::GramFile(calibration, info, std::move(weights)).save(path, overwrite);
+      },
+      py::arg("path"), py::arg("calibration"), py::kw_only(), py::arg("model") = "", py::arg("rope") = "post",
+      py::arg("output_weights") = std::vector<py::object>(), py::arg("rope_theta") = 10000.0,
+      py::arg("rope_style") = "adjacent", py::arg("overwrite") = false,
+      "Writes a Gram file (the calibration's d x d Grams per head, token counts, model and RoPE mode, and\n"
+      "per layer o_proj.weight when given) that kqsvd fit --grams merges with any number of others.");
+  m.def(
+      "load_grams",
+      [](const std::string& path) {
+        kqsvd::io::GramFile file = kqsvd::io::GramFile::load(path);
+        py::dict info;
+        info["model"] = file.info().model;
+        info["rope"] = std::string(kqsvd::to_string(file.info().rope));
+        info["rope_theta"] = file.info().rope_theta;
+        info["producer"] = file.info().producer;
+        py::list weights;
+        for (const kqsvd::RowMatrix<float>& w : file.output_weights()) weights.append(py::cast(w));
+        info["output_weights"] = weights;
+        return py::make_tuple(file.calibration(), info);
+      },
+      py::arg("path"), "Reads a Gram file: (ModelCalibration, {'model', 'rope', 'rope_theta', 'producer', 'output_weights'})");
 
   py::class_<kqsvd::StorageFormat>(m, "StorageFormat", "How cached rows are stored: f32, f16, bf16, fp8_e4m3, ...")
       .def(py::init([](const std::string& name) { return kqsvd::StorageFormat::parse(name); }), py::arg("name"))

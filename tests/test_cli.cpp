@@ -5,6 +5,7 @@
 
 #include <kqsvd/io/activation_evaluation.hpp>
 #include <kqsvd/io/activation_writer.hpp>
+#include <kqsvd/io/gram_file.hpp>
 #include <kqsvd/io/projection_file.hpp>
 #include <kqsvd/io/sensitivity_file.hpp>
 #include <kqsvd/kqsvd.hpp>
@@ -171,6 +172,83 @@ TEST_F(Cli, FitThenEvalJsonEqualsTheLibrary) {
   ASSERT_EQ(table.exit_code, 0) << table.err;
   EXPECT_NE(table.out.find("err_softmax"), std::string::npos);
   EXPECT_NE(table.out.find("\nall "), std::string::npos) << table.out;
+}
+
+// Gram files: kqsvd gram then fit --grams is the fit from the activations, bit for bit; Gram files of
+// shards merge to the fit of all the files (to rounding); mismatched, corrupt or wrong files are named.
+TEST_F(Cli, GramFilesFitExactlyAsTheActivationsAndMerge) {
+  const std::string grams = path("calib.grams.safetensors"), held_grams = path("eval.grams.safetensors");
+  const Result gram = kqsvd({"gram", "--calib", calib, "--out", grams});
+  ASSERT_EQ(gram.exit_code, 0) << gram.err;
+  EXPECT_NE(gram.out.find("over 512 tokens"), std::string::npos) << gram.out;
+  const kqsvd::io::GramFile file = kqsvd::io::GramFile::load(grams);
+  EXPECT_EQ(file.info().model, "stories260K");
+  EXPECT_EQ(file.output_weights().size(), 5u);
+  // Independent: the keys of layer 2, KV head 1 read from the activation file, multiplied out.
+  const ActivationFile activations(calib);
+  MatrixXd keys_gram = MatrixXd::Zero(8, 8);
+  for (Index b = 0; b < activations.batch(); ++b) {
+    const MatrixXd k = activations.keys(2, b, 1).cast<double>();
+    keys_gram += k.transpose() * k;
+  }
+  EXPECT_TRUE(file.calibration().keys(2, 1).gram().isApprox(keys_gram, 1e-12));
+  EXPECT_EQ(file.calibration().token_count(), 512);
+
+  const std::string from_activations = path("a.safetensors"), from_grams = path("g.safetensors");
+  ASSERT_EQ(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "4", "--out", from_activations}).exit_code, 0);
+  const Result fit = kqsvd({"fit", "--grams", grams, "--method", "kqsvd", "--rank", "4", "--out", from_grams});
+  ASSERT_EQ(fit.exit_code, 0) << fit.err;
+  EXPECT_NE(fit.out.find("from 1 Gram file"), std::string::npos) << fit.out;
+  const auto a = kqsvd::io::ProjectionFile::load(from_activations), g = kqsvd::io::ProjectionFile::load(from_grams);
+  for (Index l = 0; l < 5; ++l) {
+    for (Index h = 0; h < 4; ++h) {
+      EXPECT_TRUE(a.projections().keys(l, h).encoder() == g.projections().keys(l, h).encoder()) << l << " " << h;
+      EXPECT_TRUE(a.projections().values(l, h).singular_values() == g.projections().values(l, h).singular_values());
+    }
+  }
+  EXPECT_EQ(g.info().calibration_tokens, 512);
+
+  // Two shards: the held-out file's Grams merged with the calibration's equal the fit of both files.
+  ASSERT_EQ(kqsvd({"gram", "--calib", held_out, "--out", held_grams}).exit_code, 0);
+  const std::string both_activations = path("both_a.safetensors"), both_grams = path("both_g.safetensors");
+  ASSERT_EQ(kqsvd({"fit", "--calib", calib, held_out, "--method", "ksvd", "--rank", "4", "--out", both_activations}).exit_code, 0);
+  ASSERT_EQ(kqsvd({"fit", "--grams", grams, held_grams, "--method", "ksvd", "--rank", "4", "--out", both_grams}).exit_code, 0);
+  const auto both_a = kqsvd::io::ProjectionFile::load(both_activations), both_g = kqsvd::io::ProjectionFile::load(both_grams);
+  EXPECT_TRUE(both_a.projections().keys(4, 3).singular_values().isApprox(both_g.projections().keys(4, 3).singular_values(), 1e-12));
+  EXPECT_EQ(both_g.info().calibration_tokens, both_a.info().calibration_tokens);
+
+  // Bad input, each named.
+  const auto data_error = [&](const Result& result, const std::string& problem) {
+    EXPECT_EQ(result.exit_code, 1) << result.err;
+    EXPECT_NE(result.err.find(problem), std::string::npos) << result.err;
+  };
+  const std::string other = path("other.grams.safetensors");
+  kqsvd::io::GramFileInfo info = file.info();
+  info.model = "another-model";
+  kqsvd::io::GramFile(file.calibration(), info).save(other);
+  data_error(kqsvd({"fit", "--grams", grams, other, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}),
+             "'" + other + "' holds Grams of model 'another-model'");
+  info = file.info();
+  info.rope = kqsvd::RopeMode::pre_rope;
+  kqsvd::io::GramFile(file.calibration(), info).save(other, /*overwrite=*/true);
+  data_error(kqsvd({"fit", "--grams", grams, other, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}),
+             "RoPE mode none");
+  kqsvd::io::GramFile(kqsvd::ModelCalibration(kqsvd::ModelShape{5, 8, 8, 8}), file.info()).save(other, /*overwrite=*/true);
+  data_error(kqsvd({"fit", "--grams", grams, other, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}),
+             "a model of shape");
+  data_error(kqsvd({"fit", "--grams", calib, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}),
+             "is not a kqsvd Gram file");
+  fs::resize_file(other, 100);
+  data_error(kqsvd({"fit", "--grams", other, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}), other);
+  // KQ-SVD values need o_proj: a Gram file without it says so.
+  kqsvd::io::GramFile(file.calibration(), file.info()).save(other, /*overwrite=*/true);
+  data_error(kqsvd({"fit", "--grams", other, "--method", "kqsvd", "--rank", "4", "--out", path("x.safetensors")}),
+             "Gram files hold no layers.{l}.o_proj");
+  const Result both = kqsvd({"fit", "--grams", grams, "--calib", calib, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")});
+  EXPECT_EQ(both.exit_code, 2) << both.err;
+  EXPECT_NE(both.err.find("exactly one of --calib and --grams"), std::string::npos) << both.err;
+  EXPECT_FALSE(fs::exists(path("x.safetensors")));
+  EXPECT_EQ(kqsvd({"gram", "--calib", calib, "--out", grams}).exit_code, 1);  // exists, no --force
 }
 
 TEST_F(Cli, FitWithAnErrorBudgetChoosesEachHeadsRank) {
@@ -348,7 +426,7 @@ TEST_F(Cli, UsageErrorsExitTwo) {
   const std::string out = path("p.safetensors");
   EXPECT_EQ(kqsvd({}).exit_code, 2);
   expect_usage_error(kqsvd({"compress"}), "unknown command 'compress'");
-  expect_usage_error(kqsvd({"fit", "--method", "kqsvd", "--rank", "2", "--out", out}), "--calib is required");
+  expect_usage_error(kqsvd({"fit", "--method", "kqsvd", "--rank", "2", "--out", out}), "give exactly one of --calib and --grams");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "pca", "--rank", "2", "--out", out}), "--method must be");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--out", out}), "exactly one of --rank, --eps and --budget");
   expect_usage_error(kqsvd({"fit", "--calib", calib, "--method", "kqsvd", "--rank", "2", "--eps", "0.1", "--out", out}),

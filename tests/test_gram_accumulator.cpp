@@ -195,4 +195,26 @@ TEST(GramAccumulator, GramMidStreamIsExactAndChangesNothing) {
   EXPECT_EQ(g.gram(), gram_of_blocks(x, {}));
 }
 
+TEST(GramAccumulator, RestoredFromItsGramMergesAndFitsLikeTheOriginal) {
+  const MatrixXd x = kqsvd::test::gaussian(300, 6, 31), y = kqsvd::test::gaussian(200, 6, 32);
+  kqsvd::GramAccumulator original(6), other(6);
+  original.add(x);
+  other.add(y);
+  const kqsvd::GramAccumulator restored =
+      kqsvd::GramAccumulator::restored(original.gram(), original.token_count(), original.largest_magnitudes());
+  EXPECT_TRUE(restored.gram() == original.gram());
+  EXPECT_EQ(restored.token_count(), 300);
+  kqsvd::GramAccumulator merged = restored;
+  merged.merge(other);
+  EXPECT_TRUE(merged.gram().isApprox(x.transpose() * x + y.transpose() * y, 1e-12));
+  EXPECT_EQ(merged.token_count(), 500);
+  MatrixXd asymmetric = original.gram();
+  asymmetric(0, 1) += 1.0;
+  kqsvd::test::expect_invalid([&] { kqsvd::GramAccumulator::restored(asymmetric, 300, original.largest_magnitudes()); }, "symmetric");
+  kqsvd::test::expect_invalid([&] { kqsvd::GramAccumulator::restored(original.gram(), -1, original.largest_magnitudes()); }, "tokens");
+  kqsvd::test::expect_invalid([&] { kqsvd::GramAccumulator::restored(original.gram(), 0, original.largest_magnitudes()); }, "0 tokens");
+  kqsvd::test::expect_invalid([&] { kqsvd::GramAccumulator::restored(original.gram(), 300, Eigen::ArrayXd::Zero(5)); }, "largest");
+  kqsvd::test::expect_invalid([&] { kqsvd::GramAccumulator::restored(MatrixXd::Ones(6, 5), 300, Eigen::ArrayXd::Zero(6)); }, "square");
+}
+
 }  // namespace kqsvd_test_gram_accumulator

@@ -46,9 +46,11 @@ from ._core import (  # noqa: E402  (the exceptions above must exist before the 
     __version__,
     decode_attention,
     fit_projection,
+    load_grams,
     load_projections,
     loss_aware_allocation,
     read_sensitivity,
+    save_grams,
     save_projections,
     write_sensitivity,
 )
@@ -56,6 +58,6 @@ from ._core import (  # noqa: E402  (the exceptions above must exist before the 
 __all__ = [
     "Error", "InvalidArgument", "FormatError", "NumericalError", "IoError",
     "GramAccumulator", "HeadCache", "LossWeights", "LowRankProjection", "ModelCalibration", "ModelProjections",
-    "ModelShape", "StorageFormat", "decode_attention", "fit_projection", "load_projections",
+    "ModelShape", "StorageFormat", "decode_attention", "fit_projection", "load_grams", "load_projections", "save_grams",
     "loss_aware_allocation", "read_sensitivity", "save_projections", "write_sensitivity", "__version__",
 ]

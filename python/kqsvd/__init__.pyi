@@ -1,5 +1,5 @@
 # Type stubs of the kqsvd module: what editors complete and type checkers read.
-from typing import Any, Dict, List, Optional, Union, overload
+from typing import Any, Dict, List, Optional, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -88,6 +88,10 @@ class ModelProjections:
 def save_projections(path: str, projections: ModelProjections, *, model: str = "", rope: str = "post",
                      overwrite: bool = False) -> None: ...
 def load_projections(path: str) -> ModelProjections: ...
+def save_grams(path: str, calibration: ModelCalibration, *, model: str = "", rope: str = "post",
+               output_weights: List[ArrayLike] = ..., rope_theta: float = 10000.0, rope_style: str = "adjacent",
+               overwrite: bool = False) -> None: ...
+def load_grams(path: str) -> Tuple[ModelCalibration, Dict[str, Any]]: ...
 
 class StorageFormat:
     def __init__(self, name: str) -> None: ...

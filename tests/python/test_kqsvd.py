@@ -182,6 +182,27 @@ def test_model_projections_fit_save_and_load(tmp_path):
         kqsvd.load_projections(path)
 
 
+def test_gram_files_round_trip_and_fit_as_the_calibration(tmp_path):
+    shape = kqsvd.ModelShape(2, 4, 2, 8)
+    calibration = calibrated_model(shape, 12)
+    weights = [np.random.default_rng(l).standard_normal((16, 32)).astype(np.float32) for l in range(2)]
+    path = str(tmp_path / "g.safetensors")
+    kqsvd.save_grams(path, calibration, model="toy", output_weights=weights)
+    loaded, info = kqsvd.load_grams(path)
+    assert info["model"] == "toy" and info["rope"] == "post" and len(info["output_weights"]) == 2
+    np.testing.assert_array_equal(info["output_weights"][1], weights[1])
+    assert loaded.tokens == calibration.tokens
+    np.testing.assert_array_equal(loaded.keys(1, 1).gram, calibration.keys(1, 1).gram)
+    np.testing.assert_array_equal(loaded.queries(0, 1).gram, calibration.queries(0, 1).gram)
+    a = kqsvd.ModelProjections.fit(calibration, "kqsvd", key_rank=3, output_weights=weights)
+    b = kqsvd.ModelProjections.fit(loaded, "kqsvd", key_rank=3, output_weights=info["output_weights"])
+    np.testing.assert_array_equal(a.values(1, 0).encoder, b.values(1, 0).encoder)
+    with open(path, "r+b") as f:
+        f.truncate(64)
+    with pytest.raises(kqsvd.FormatError, match="g.safetensors"):
+        kqsvd.load_grams(path)
+
+
 def test_loss_aware_allocation_spends_the_budget_where_the_weights_are(tmp_path):
     shape = kqsvd.ModelShape(2, 2, 2, 8)
     projections = kqsvd.ModelProjections.fit(calibrated_model(shape, 10), "ksvd", key_rank=8)

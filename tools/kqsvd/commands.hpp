@@ -9,6 +9,7 @@
 namespace kqsvd::cli {
 
 int fit_command(const std::vector<std::string>& words);
+int gram_command(const std::vector<std::string>& words);
 int eval_command(const std::vector<std::string>& words);
 int compare_command(const std::vector<std::string>& words);
 int analyze_command(const std::vector<std::string>& words);

@@ -1,5 +1,7 @@
 #include "data_set.hpp"
 
+#include <sys/stat.h>
+
 #include <kqsvd/cache/cache_footprint.hpp>
 
 #include <iostream>
@@ -21,6 +23,17 @@ std::string file_name(const std::string& path) {
 
 io::ActivationLayout read_layout(const std::string& path) { return io::ActivationFile(path).layout(); }
 
+bool path_exists(const std::string& path) {
+  struct stat status {};
+  return ::lstat(path.c_str(), &status) == 0;
+}
+
+std::string describe_model(const ModelShape& shape, const std::string& model, RopeMode rope) {
+  return model + " (" + std::to_string(shape.layers) + " layers, " + std::to_string(shape.query_heads) + " query / " +
+         std::to_string(shape.kv_heads) + " KV heads, head_dim " + std::to_string(shape.head_dim) + ", rope " +
+         io::rope_spelling(rope) + ")";
+}
+
 Calibration calibrate_files(const std::vector<std::string>& paths) {
   if (paths.empty()) throw UsageError("no calibration files");
   std::optional<Calibration> result;
@@ -39,6 +52,31 @@ Calibration calibrate_files(const std::vector<std::string>& paths) {
     progress.advance(file_name(path));
   }
   return std::move(*result);
+}
+
+Calibration merge_gram_files(const std::vector<std::string>& paths) {
+  if (paths.empty()) throw UsageError("no Gram files");
+  std::optional<io::GramFile> merged;
+  for (const std::string& path : paths) {
+    io::GramFile file = io::GramFile::load(path);
+    if (!merged) {
+      merged.emplace(std::move(file));
+      continue;
+    }
+    try {
+      merged->merge(file, path);
+    } catch (const InvalidArgument& error) {
+      throw DataError(std::string(error.what()) + " (first file '" + paths.front() + "')");
+    }
+  }
+  io::ActivationLayout layout;
+  layout.shape = merged->shape();
+  layout.metadata.model = merged->info().model;
+  layout.metadata.rope = merged->info().rope;
+  layout.metadata.rope_style = merged->info().rope_style;
+  layout.metadata.rope_theta = merged->info().rope_theta;
+  layout.source = paths.front();
+  return Calibration{merged->calibration(), layout, merged->calibration().token_count(), merged->output_weights()};
 }
 
 std::vector<WeightMatrix> choose_output_weights(const std::optional<std::string>& weights_file,

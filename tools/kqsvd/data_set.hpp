@@ -11,6 +11,7 @@
 #include <kqsvd/calibration/model_calibration.hpp>
 #include <kqsvd/io/activation_evaluation.hpp>
 #include <kqsvd/io/activation_file.hpp>
+#include <kqsvd/io/gram_file.hpp>
 #include <kqsvd/solvers/model_projections.hpp>
 
 #include <cstdint>
@@ -32,8 +33,18 @@ struct Calibration {
   std::vector<WeightMatrix> output_weights;  // from the first file that holds them; empty if none did
 };
 
+// Whether anything (a file, a link, a directory) exists at `path`.
+bool path_exists(const std::string& path);
+
+// "model (L layers, Q query / K KV heads, head_dim d, rope R)", for messages.
+std::string describe_model(const ModelShape& shape, const std::string& model, RopeMode rope);
+
 // Streams the files into Gram accumulators; every file must match the first one's layout.
 Calibration calibrate_files(const std::vector<std::string>& paths);
+
+// Gram files (kqsvd gram, the Python module) merged in order into one calibration; every file must be of
+// the first one's model, shape and RoPE mode (a DataError naming the file otherwise).
+Calibration merge_gram_files(const std::vector<std::string>& paths);
 
 // The layout of an activation file (to check arguments such as --rank before the long work).
 io::ActivationLayout read_layout(const std::string& path);

@@ -20,7 +20,7 @@ namespace kqsvd::cli {
 
 namespace {
 
-constexpr const char* fit_usage = R"(usage: kqsvd fit --calib FILES... --method kqsvd|ksvd|eigen (--rank R | --eps E | --budget B)
+constexpr const char* fit_usage = R"(usage: kqsvd fit (--calib FILES... | --grams FILES...) --method kqsvd|ksvd|eigen (--rank R | --eps E | --budget B)
                  [--value-rank R] [--sensitivity FILE] [--budget-sharing joint|separate]
                  [--latents FORMAT] [--weights FILE] [--rotate hadamard] --out PROJ.safetensors [--force]
 
@@ -29,6 +29,8 @@ Fits a key and a value projection for every layer and KV head from calibration a
 The files are streamed one at a time: memory does not grow with their number or size.
 
   --calib FILES    activation files of one model (all with the same layout and RoPE mode)
+  --grams FILES    instead of --calib: Gram files (kqsvd gram, the Python module, other machines) of
+                   one model and RoPE mode, merged exactly -- the same fit as from their activations
   --method M       kqsvd (KQ-SVD), ksvd (K-SVD) or eigen (Eigen Attention)
   --rank R         keep R of head_dim dimensions in every head
   --eps E          per head, the smallest rank whose predicted relative error (of the method's own
@@ -76,11 +78,6 @@ the compressed cache's size relative to the full cache, and its bits per element
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
-bool path_exists(const std::string& path) {
-  struct stat status {};
-  return ::lstat(path.c_str(), &status) == 0;
-}
-
 Method parse_method_option(const std::string& name) {
   try {
     return parse_method(name);
@@ -96,16 +93,11 @@ void require_rank_within(const char* option, long rank, const io::ActivationLayo
   }
 }
 
-std::string describe_model(const ModelShape& shape, const std::string& model, RopeMode rope) {
-  return model + " (" + std::to_string(shape.layers) + " layers, " + std::to_string(shape.query_heads) + " query / " +
-         std::to_string(shape.kv_heads) + " KV heads, head_dim " + std::to_string(shape.head_dim) + ", rope " +
-         io::rope_spelling(rope) + ")";
-}
-
 }  // namespace
 
 int fit_command(const std::vector<std::string>& words) {
   const Arguments args(words, {{"--calib", OptionKind::list},
+                               {"--grams", OptionKind::list},
                                {"--method", OptionKind::value},
                                {"--rank", OptionKind::value},
                                {"--eps", OptionKind::value},
@@ -122,7 +114,9 @@ int fit_command(const std::vector<std::string>& words) {
     std::cout << fit_usage;
     return exit_success;
   }
-  const std::vector<std::string> calib = args.required_list("--calib");
+  args.require_one_of("--calib", "--grams");
+  const bool from_grams = !args.list("--grams").empty();
+  const std::vector<std::string> calib = from_grams ? args.list("--grams") : args.list("--calib");
   const Method method = parse_method_option(args.required_value("--method"));
   const int rank_choices = (args.value("--rank") ? 1 : 0) + (args.value("--eps") ? 1 : 0) + (args.value("--budget") ? 1 : 0);
   if (rank_choices != 1) throw UsageError("give exactly one of --rank, --eps and --budget");
@@ -161,7 +155,10 @@ int fit_command(const std::vector<std::string>& words) {
   // Checked first so that a long fit is not thrown away at the end; the atomic write checks again.
   if (!force && path_exists(out)) throw DataError("'" + out + "' already exists; pass --force to replace it");
 
-  const io::ActivationLayout layout = read_layout(calib.front());
+  // Gram files are small (d x d per head): merged here, before the checks that need their layout.
+  std::optional<Calibration> from_gram_files;
+  if (from_grams) from_gram_files = merge_gram_files(calib);
+  const io::ActivationLayout layout = from_grams ? from_gram_files->layout : read_layout(calib.front());
   if (rank) require_rank_within("--rank", *rank, layout);
   if (value_rank) require_rank_within("--value-rank", *value_rank, layout);
   std::optional<MemoryBudget> budget;
@@ -204,12 +201,12 @@ int fit_command(const std::vector<std::string>& words) {
       rank ? RankSelection::fixed(*rank) : epsilon ? RankSelection::error_budget(*epsilon) : RankSelection::fixed(layout.shape.head_dim);
   const RankSelection value_selection = value_rank ? RankSelection::fixed(*value_rank) : key_selection;
 
-  const Calibration calibration = calibrate_files(calib);
+  const Calibration calibration = from_grams ? std::move(*from_gram_files) : calibrate_files(calib);
   const std::vector<WeightMatrix> weights =
       choose_output_weights(args.value("--weights"), {calibration.output_weights}, layout.shape);
   if (method == Method::kq_svd && weights.empty()) {
-    throw DataError("KQ-SVD fits values to the output projection, but the calibration files hold no layers.{l}.o_proj; "
-                    "give --weights FILE");
+    throw DataError(std::string("KQ-SVD fits values to the output projection, but the ") + (from_grams ? "Gram" : "calibration") +
+                    " files hold no layers.{l}.o_proj; give --weights FILE");
   }
   ModelProjections<float> fitted =
       ModelProjections<float>::fit(calibration.statistics, weights, method, key_selection, value_selection);
@@ -250,8 +247,8 @@ int fit_command(const std::vector<std::string>& words) {
             << describe_model(layout.shape, layout.metadata.model, layout.metadata.rope) << "; key rank "
             << projections.ranks().describe_keys() << ", value rank " << projections.ranks().describe_values()
             << ", compression " << projections.ranks().compression_ratio() << (rotate ? ", latents rotated" : "")
-            << "; calibrated on " << calibration.tokens
-            << " tokens from " << calib.size() << (calib.size() == 1 ? " file" : " files") << "\n";
+            << "; calibrated on " << calibration.tokens << " tokens from " << calib.size()
+            << (from_grams ? " Gram" : "") << (calib.size() == 1 ? " file" : " files") << "\n";
   return exit_success;
 }
 

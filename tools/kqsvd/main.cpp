@@ -18,7 +18,8 @@ Low-rank KV-cache compression with KQ-SVD and its baselines, on saved attention 
 (safetensors files in the layout of docs/activations.md).
 
 commands:
-  fit       fit projections for every layer and head from calibration files; write a projection file
+  fit       fit projections for every layer and head from calibration (or Gram) files; write a projection file
+  gram      save calibration files' Grams (d x d per head) as a Gram file: fit --grams merges any number
   eval      measure a projection file on held-out activations: seven relative errors per layer
   compare   KQ-SVD vs. K-SVD vs. Eigen Attention at identical ranks, as a table, JSON or SVG plot
   analyze   spectra of K, Q, V, Q K^T and V W^T: how low-rank is this model's attention?
@@ -31,6 +32,6 @@ commands:
 int main(int argc, char** argv) {
   using namespace kqsvd::cli;
   return run_tool("kqsvd", tool_usage,
-                  {{"fit", fit_command}, {"eval", eval_command}, {"compare", compare_command}, {"analyze", analyze_command}},
+                  {{"fit", fit_command}, {"gram", gram_command}, {"eval", eval_command}, {"compare", compare_command}, {"analyze", analyze_command}},
                   argc, argv);
 }

@@ -53,8 +53,36 @@ class GramAccumulator {
         pending_(dimension, chunk_rows(dimension)),
         largest_(Eigen::ArrayXd::Zero(dimension)) {}
 
+  // An accumulator holding a Gram summed elsewhere (a Gram file, another process): as if an
+  // accumulator of `tokens` tokens whose columns reached `largest` in magnitude had been merged into an
+  // empty one. `gram` must be square, symmetric, finite, with a non-negative diagonal; `largest` >= 0.
+  static GramAccumulator restored(const Eigen::Ref<const Eigen::MatrixXd>& gram, std::int64_t tokens,
+                                  const Eigen::Ref<const Eigen::ArrayXd>& largest) {
+    constexpr const char* function = "kqsvd::GramAccumulator::restored";
+    if (gram.rows() != gram.cols() || gram.rows() == 0) {
+      detail::throw_invalid(function, "gram", "is " + detail::shape_string(gram.rows(), gram.cols()) + ", expected square");
+    }
+    detail::require_finite(function, "gram", gram);
+    if (!gram.isApprox(gram.transpose(), 1e-12) || (gram.diagonal().array() < 0.0).any()) {
+      detail::throw_invalid(function, "gram", "is not symmetric with a non-negative diagonal (not a sum of x^T x)");
+    }
+    if (tokens < 0) detail::throw_invalid(function, "tokens", "must be >= 0, got " + std::to_string(tokens));
+    if (tokens == 0 && !gram.isZero(0.0)) detail::throw_invalid(function, "gram", "must be zero for 0 tokens");
+    if (largest.size() != gram.rows() || !largest.allFinite() || (largest < 0.0).any()) {
+      detail::throw_invalid(function, "largest",
+                            "must hold " + std::to_string(gram.rows()) + " finite magnitudes >= 0, one per column");
+    }
+    GramAccumulator result(gram.rows());
+    result.lower_.triangularView<Eigen::Lower>() = gram;
+    result.largest_ = largest;
+    result.token_count_ = tokens;
+    return result;
+  }
+
   Index dimension() const { return lower_.rows(); }
   std::int64_t token_count() const { return token_count_; }
+  // Per column, the largest magnitude added (what restored() takes back, with gram() and token_count()).
+  const Eigen::ArrayXd& largest_magnitudes() const { return largest_; }
 
   // Adds the rows of `rows` (tokens x dimension()). The whole block is validated before anything is
   // added, so a rejected block leaves the accumulator unchanged.

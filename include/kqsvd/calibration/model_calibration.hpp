@@ -50,6 +50,19 @@ class ModelCalibration {
     for (Index j = 1; j < shape_.group_size(); ++j) stacked.merge(queries_[first + static_cast<std::size_t>(j)]);
     return stacked;
   }
+  // One query head's own accumulator (queries() stacks those of a KV head's group).
+  GramAccumulator query_head(Index layer, Index query_head) const { return queries_[query_slot(layer, query_head)]; }
+
+  // Grams accumulated elsewhere (a Gram file, another process), merged into one head: as
+  // GramAccumulator::merge, the dimension checked.
+  void merge_keys(Index layer, Index kv_head, const GramAccumulator& other) { keys_[slot("keys", layer, kv_head)].merge(other); }
+  void merge_values(Index layer, Index kv_head, const GramAccumulator& other) {
+    values_[slot("values", layer, kv_head)].merge(other);
+  }
+  void merge_queries(Index layer, Index query_head, const GramAccumulator& other) {
+    queries_[query_slot(layer, query_head)].merge(other);
+  }
+
   // Tokens per head added so far (the same for every head once whole blocks were added).
   std::int64_t token_count() const { return keys_.front().token_count(); }
 
