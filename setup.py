@@ -36,7 +36,7 @@ setup(
         Pybind11Extension(
             "kqsvd._core",
             ["python/kqsvd_module.cpp"],
-            include_dirs=[os.path.join(here, "include"), eigen_include()],
+            include_dirs=[os.path.join(here, "include"), os.path.join(here, "reference", "include"), eigen_include()],
             cxx_std=17,
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         )

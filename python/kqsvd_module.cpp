@@ -16,6 +16,9 @@
 #include <kqsvd/io/gram_file.hpp>
 #include <kqsvd/io/projection_file.hpp>
 #include <kqsvd/io/sensitivity_file.hpp>
+#include <kqsvd/llama/full_kv_cache.hpp>
+#include <kqsvd/llama/tokenizer.hpp>
+#include <kqsvd/llama/transformer.hpp>
 
 #include <optional>
 #include <string>
@@ -158,6 +161,16 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("mean_gram", &kqsvd::GramAccumulator::mean_gram, "gram / tokens")
       .def_property_readonly("tokens", &kqsvd::GramAccumulator::token_count)
       .def_property_readonly("dimension", &kqsvd::GramAccumulator::dimension)
+      .def_property_readonly("largest_magnitudes", &kqsvd::GramAccumulator::largest_magnitudes,
+                             "per column, the largest |x| added (with gram and tokens: what restored() takes back)")
+      .def_static(
+          "restored",
+          [](const py::handle& gram, std::int64_t tokens, const Eigen::ArrayXd& largest) {
+            return kqsvd::GramAccumulator::restored(rows_of<double>("GramAccumulator.restored", "gram", gram), tokens, largest);
+          },
+          py::arg("gram"), py::arg("tokens"), py::arg("largest"),
+          "An accumulator holding a Gram summed elsewhere (another process: all-reduced gram and tokens, max-reduced\n"
+          "largest magnitudes)")
       .def("reset", &kqsvd::GramAccumulator::reset);
 
   using Projection = kqsvd::LowRankProjection<float>;
@@ -251,6 +264,11 @@ PYBIND11_MODULE(_core, m) {
             });
           },
           py::arg("layer"), py::arg("query_head"), py::arg("rows"))
+      .def("query_head", &kqsvd::ModelCalibration::query_head, py::arg("layer"), py::arg("query_head"),
+           "one query head's own accumulator (queries() stacks those of a KV head's group)")
+      .def("merge_keys", &kqsvd::ModelCalibration::merge_keys, py::arg("layer"), py::arg("kv_head"), py::arg("other"))
+      .def("merge_values", &kqsvd::ModelCalibration::merge_values, py::arg("layer"), py::arg("kv_head"), py::arg("other"))
+      .def("merge_queries", &kqsvd::ModelCalibration::merge_queries, py::arg("layer"), py::arg("query_head"), py::arg("other"))
       .def("keys", &kqsvd::ModelCalibration::keys, py::arg("layer"), py::arg("kv_head"))
       .def("values", &kqsvd::ModelCalibration::values, py::arg("layer"), py::arg("kv_head"))
       .def("queries", &kqsvd::ModelCalibration::queries, py::arg("layer"), py::arg("kv_head"),
@@ -446,4 +464,23 @@ PYBIND11_MODULE(_core, m) {
       py::arg("sharing") = "joint",
       "Per-head ranks minimising sum w * err^2 within `fraction` of the full cache's bytes in `format`:\n"
       "{'key_ranks', 'value_ranks' (layers x kv_heads), 'projections' (truncated), 'bytes_per_token', ...}");
+
+  py::module_ reference = m.def_submodule(
+      "reference", "The library's C++ reference model (kqsvd::llama, llama2.c checkpoints): what ports are checked against");
+  reference.def(
+      "logits",
+      [](const std::string& model, const std::vector<int>& tokens) {
+        const kqsvd::llama::Transformer transformer(kqsvd::llama::Checkpoint::load(model));
+        kqsvd::llama::FullKvCache cache(transformer.shape(), transformer.rotary_embedding());
+        py::gil_scoped_release release;
+        return transformer.forward(tokens, cache);
+      },
+      py::arg("model"), py::arg("tokens"),
+      "Logits (tokens x vocab, float32) of a llama2.c checkpoint on `tokens` (one prefill, full float32 cache).");
+  reference.def(
+      "encode",
+      [](const std::string& tokenizer, Index vocab_size, const std::string& text) {
+        return kqsvd::llama::Tokenizer::load(tokenizer, vocab_size).encode(text, /*add_bos=*/true, /*add_eos=*/false);
+      },
+      py::arg("tokenizer"), py::arg("vocab_size"), py::arg("text"), "BOS + llama2.c's encoding of `text`.");
 }

@@ -7,7 +7,7 @@ packages=(cmake make g++ libeigen3-dev nlohmann-json3-dev googletest libgtest-de
 # --python: also what the Python module needs to build and test (tools/test_python.sh).
 if [ "${1:-}" = --python ]; then
   packages+=(pkg-config python3-dev python3-pip python3-venv python3-setuptools python3-wheel python3-pybind11 pybind11-dev
-             python3-numpy python3-pytest)
+             python3-numpy python3-pytest python3-torch)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -52,6 +52,7 @@ from ._core import (  # noqa: E402  (the exceptions above must exist before the 
     read_sensitivity,
     save_grams,
     save_projections,
+    reference,
     write_sensitivity,
 )
 
@@ -59,5 +60,5 @@ __all__ = [
     "Error", "InvalidArgument", "FormatError", "NumericalError", "IoError",
     "GramAccumulator", "HeadCache", "LossWeights", "LowRankProjection", "ModelCalibration", "ModelProjections",
     "ModelShape", "StorageFormat", "decode_attention", "fit_projection", "load_grams", "load_projections", "save_grams",
-    "loss_aware_allocation", "read_sensitivity", "save_projections", "write_sensitivity", "__version__",
+    "loss_aware_allocation", "read_sensitivity", "reference", "save_projections", "write_sensitivity", "__version__",
 ]

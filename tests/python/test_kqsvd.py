@@ -1,7 +1,6 @@
 """The Python module against independent numpy computations: Grams as X^T X in float64, the KQ-SVD error
 as the direct SVD of Q K^T, attention as a softmax written out; errors as the documented exceptions."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -255,9 +254,8 @@ def test_decode_attention_on_full_rows_and_latents_equals_numpy():
         kqsvd.decode_attention(rows(1, d + 1, 15), cache)
 
 
-@pytest.mark.skipif(os.environ.get("KQSVD_TEST_TORCH") != "1", reason="torch tests run with KQSVD_TEST_TORCH=1")
 def test_torch_tensors_through_numpy():
-    import torch
+    torch = pytest.importorskip("torch", reason="Debian's python3-torch (tools/test_python.sh installs it)")
 
     x = torch.randn(50, 8, dtype=torch.float32)
     acc = kqsvd.GramAccumulator(8)
