@@ -41,8 +41,10 @@
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"
 #include "kqsvd/io/activation_file.hpp"
+#include "kqsvd/io/detail/file_metadata.hpp"
 #include "kqsvd/io/dtype.hpp"
-#include "kqsvd/io/projection_file.hpp"
+#include "kqsvd/io/detail/number_text.hpp"
+#include "kqsvd/io/detail/shape.hpp"
 #include "kqsvd/io/safetensors.hpp"
 
 namespace kqsvd::detail {
@@ -170,24 +172,10 @@ class GramFile {
   struct Reader {
     const SafetensorsFile& file;
     std::set<std::string> expected_names{};
+    detail::FileMetadata metadata{file, "kqsvd::io::GramFile"};
 
-    [[noreturn]] void fail(const std::string& problem) const {
-      throw FormatError("kqsvd::io::GramFile: '" + file.path() + "' " + problem);
-    }
-
-    const std::string& entry(const char* key) const {
-      const auto found = file.metadata().find(key);
-      if (found == file.metadata().end()) fail(std::string("has no '") + key + "' entry in its __metadata__");
-      return found->second;
-    }
-
-    Index positive(const char* key) const {
-      const auto value = detail::parse_count(entry(key));
-      if (!value || *value <= 0 || *value > 1'000'000) {
-        fail(std::string("has __metadata__ ") + key + " = '" + entry(key) + "', expected a positive integer");
-      }
-      return static_cast<Index>(*value);
-    }
+    [[noreturn]] void fail(const std::string& problem) const { metadata.fail(problem); }
+    const std::string& entry(const char* key) const { return metadata.entry(key); }
 
     const TensorInfo& tensor(const std::string& name, const std::vector<std::int64_t>& shape) {
       if (!file.contains(name)) fail("has no tensor '" + name + "'");
@@ -219,36 +207,12 @@ class GramFile {
     }
 
     GramFile read() {
-      const auto format = file.metadata().find("format");
-      if (format == file.metadata().end() || format->second != detail::gram_format) {
-        fail("is not a kqsvd Gram file (its __metadata__ has no format = '" + std::string(detail::gram_format) +
-             "'; is it an activation or projection file?)");
-      }
-      if (entry("format_version") != std::to_string(detail::gram_format_version)) {
-        fail("has format_version '" + entry("format_version") + "'; this kqsvd reads version " +
-             std::to_string(detail::gram_format_version));
-      }
-      ModelShape shape;
-      shape.layers = positive("layers");
-      shape.query_heads = positive("query_heads");
-      shape.kv_heads = positive("kv_heads");
-      shape.head_dim = positive("head_dim");
-      if (shape.query_heads % shape.kv_heads != 0) {
-        fail("has " + std::to_string(shape.kv_heads) + " KV heads, which do not divide its " +
-             std::to_string(shape.query_heads) + " query heads");
-      }
+      metadata.require_format(detail::gram_format, detail::gram_format_version, "Gram file",
+                              "is it an activation or projection file?");
+      const ModelShape shape = metadata.shape();
       GramFileInfo info;
       info.model = entry("model");
-      try {
-        info.rope = parse_rope_spelling(entry("rope"));
-        info.rope_style = parse_rope_style(entry("rope_style"));
-      } catch (const InvalidArgument&) {
-        fail("has __metadata__ rope = '" + entry("rope") + "', rope_style = '" + entry("rope_style") +
-             "'; expected applied|none and adjacent|half");
-      }
-      const auto theta = detail::parse_number(entry("rope_theta"));
-      if (!theta || !(*theta > 1.0)) fail("has __metadata__ rope_theta = '" + entry("rope_theta") + "', expected a number > 1");
-      info.rope_theta = *theta;
+      metadata.rope(info);
       info.producer = entry("producer");
 
       const Index d = shape.head_dim;

@@ -36,6 +36,7 @@
 
 #include "kqsvd/core/error.hpp"
 #include "kqsvd/io/activation_file.hpp"
+#include "kqsvd/io/detail/file_metadata.hpp"
 #include "kqsvd/io/dtype.hpp"
 #include "kqsvd/io/safetensors.hpp"
 #include "kqsvd/solvers/low_rank_projection.hpp"
@@ -180,63 +181,25 @@ class ProjectionFile {
   struct Reader {
     const SafetensorsFile& file;
     std::set<std::string> expected_names{};
+    detail::FileMetadata metadata{file, "kqsvd::io::ProjectionFile"};
 
-    [[noreturn]] void fail(const std::string& problem) const {
-      throw FormatError("kqsvd::io::ProjectionFile: '" + file.path() + "' " + problem);
-    }
-
-    const std::string& entry(const char* key) const {
-      const auto found = file.metadata().find(key);
-      if (found == file.metadata().end()) fail(std::string("has no '") + key + "' entry in its __metadata__");
-      return found->second;
-    }
-
-    Index positive(const char* key) const {
-      const auto value = detail::parse_count(entry(key));
-      if (!value || *value <= 0 || *value > 1'000'000) {
-        fail(std::string("has __metadata__ ") + key + " = '" + entry(key) + "', expected a positive integer");
-      }
-      return static_cast<Index>(*value);
-    }
+    [[noreturn]] void fail(const std::string& problem) const { metadata.fail(problem); }
+    const std::string& entry(const char* key) const { return metadata.entry(key); }
 
     ProjectionFile read() {
-      const auto format = file.metadata().find("format");
-      if (format == file.metadata().end() || format->second != detail::projection_format) {
-        fail("is not a kqsvd projection file (its __metadata__ has no format = '" +
-             std::string(detail::projection_format) + "'; is it an activation file?)");
-      }
-      if (entry("format_version") != std::to_string(detail::projection_format_version)) {
-        fail("has format_version '" + entry("format_version") + "'; this kqsvd reads version " +
-             std::to_string(detail::projection_format_version));
-      }
+      metadata.require_format(detail::projection_format, detail::projection_format_version, "projection file",
+                              "is it an activation file?");
       Method method = Method::kq_svd;
       try {
         method = parse_method(entry("method"));
       } catch (const InvalidArgument&) {
         fail("has __metadata__ method = '" + entry("method") + "', expected kqsvd, ksvd or eigen");
       }
-      ModelShape shape;
-      shape.layers = positive("layers");
-      shape.query_heads = positive("query_heads");
-      shape.kv_heads = positive("kv_heads");
-      shape.head_dim = positive("head_dim");
-      if (shape.query_heads % shape.kv_heads != 0) {
-        fail("has " + std::to_string(shape.kv_heads) + " KV heads, which do not divide its " +
-             std::to_string(shape.query_heads) + " query heads");
-      }
+      const ModelShape shape = metadata.shape();
 
       ProjectionInfo info;
       info.model = entry("model");
-      try {
-        info.rope = parse_rope_spelling(entry("rope"));
-        info.rope_style = parse_rope_style(entry("rope_style"));
-      } catch (const InvalidArgument&) {
-        fail("has __metadata__ rope = '" + entry("rope") + "', rope_style = '" + entry("rope_style") +
-             "'; expected applied|none and adjacent|half");
-      }
-      const auto theta = detail::parse_number(entry("rope_theta"));
-      if (!theta || !(*theta > 1.0)) fail("has __metadata__ rope_theta = '" + entry("rope_theta") + "', expected a number > 1");
-      info.rope_theta = *theta;
+      metadata.rope(info);
       for (auto [key, target] : {std::pair{"key_rank_selection", &info.key_rank},
                                  std::pair{"value_rank_selection", &info.value_rank}}) {
         const auto found = file.metadata().find(key);
