@@ -95,15 +95,6 @@ std::vector<StorageFormat> formats_of(const Arguments& args, const std::string& 
   return formats;
 }
 
-std::vector<double> ratios_of(const Arguments& args, const std::string& option, std::vector<double> defaults) {
-  if (args.items(option).empty()) return defaults;
-  std::vector<double> ratios;
-  for (const std::string& item : args.items(option)) {
-    ratios.push_back(*Arguments({option, item}, {{option, OptionKind::value}}).number_above(option, 0.0, 1.0));
-  }
-  return ratios;
-}
-
 // Marks the configurations that no other has at most the bits and at most the KL of, one strictly.
 void mark_pareto(std::vector<Candidate>& candidates) {
   for (Candidate& c : candidates) {
@@ -193,11 +184,7 @@ int frontier_command(const std::vector<std::string>& words) {
   const std::optional<std::pair<long, long>> probe_range = args.range("--probe-stories");
   const std::vector<double> ratios = ratios_of(args, "--ratios", {0.25, 0.5});
   const std::vector<double> h2o_ratios = ratios_of(args, "--h2o", {0.1, 0.2, 0.5});
-  std::vector<Method> methods(all_methods.begin(), all_methods.end());
-  if (!args.items("--methods").empty()) {
-    methods.clear();
-    for (const std::string& item : args.items("--methods")) methods.push_back(parse_method_name(item, "--methods"));
-  }
+  const std::vector<Method> methods = methods_of(args, "--methods");
   const std::vector<StorageFormat> latent_formats = formats_of(args, "--latent-formats", "f16,int8,int4,int4/16,int2/16");
   const std::vector<StorageFormat> full_formats =
       formats_of(args, "--full-formats", "f16,bf16,fp8_e4m3,fp8_e5m2,int8,q8_0,q4_0,int4,int2");

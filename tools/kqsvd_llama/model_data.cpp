@@ -105,4 +105,20 @@ StorageFormat parse_format_name(const std::string& text, const std::string& opti
   }
 }
 
+std::vector<double> ratios_of(const Arguments& args, const std::string& option, std::vector<double> defaults) {
+  if (args.items(option).empty()) return defaults;
+  std::vector<double> ratios;
+  for (const std::string& item : args.items(option)) {
+    ratios.push_back(*Arguments({option, item}, {{option, OptionKind::value}}).number_above(option, 0.0, 1.0));
+  }
+  return ratios;
+}
+
+std::vector<Method> methods_of(const Arguments& args, const std::string& option) {
+  if (args.items(option).empty()) return std::vector<Method>(all_methods.begin(), all_methods.end());
+  std::vector<Method> methods;
+  for (const std::string& item : args.items(option)) methods.push_back(parse_method_name(item, option));
+  return methods;
+}
+
 }  // namespace kqsvd::cli

@@ -99,5 +99,9 @@ T required(const std::optional<T>& value, const std::string& option) {
 Method parse_method_name(const std::string& text, const std::string& option);
 RopeMode parse_rope_name(const std::string& text, const std::string& option);
 StorageFormat parse_format_name(const std::string& text, const std::string& option);
+// A comma-separated list of ratios in (0, 1] (`defaults` when the option is absent), and of methods
+// (every method when absent).
+std::vector<double> ratios_of(const Arguments& args, const std::string& option, std::vector<double> defaults);
+std::vector<Method> methods_of(const Arguments& args, const std::string& option);
 
 }  // namespace kqsvd::cli

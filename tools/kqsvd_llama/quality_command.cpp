@@ -334,21 +334,10 @@ int quality_command(const std::vector<std::string>& words) {
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   const std::pair<long, long> calibration_range = required(args.range("--calib-stories"), "--calib-stories");
   const std::pair<long, long> evaluation_range = required(args.range("--eval-stories"), "--eval-stories");
-  std::vector<double> ratios = {0.25, 0.5, 0.75};
-  if (!args.items("--ratios").empty()) {
-    ratios.clear();
-    for (const std::string& item : args.items("--ratios")) {
-      const auto ratio = Arguments({"--ratio", item}, {{"--ratio", OptionKind::value}}).number_above("--ratio", 0.0, 1.0);
-      ratios.push_back(*ratio);
-    }
-  }
+  const std::vector<double> ratios = ratios_of(args, "--ratios", {0.25, 0.5, 0.75});
   const long window = args.integer("--window", 0, 1 << 20).value_or(32);
   const StorageFormat format = parse_format_name(args.value("--format").value_or("f32"), "--format");
-  std::vector<Method> methods(all_methods.begin(), all_methods.end());
-  if (!args.items("--methods").empty()) {
-    methods.clear();
-    for (const std::string& item : args.items("--methods")) methods.push_back(parse_method_name(item, "--methods"));
-  }
+  const std::vector<Method> methods = methods_of(args, "--methods");
   std::vector<RopeMode> modes(all_rope_modes.begin(), all_rope_modes.end());
   if (!args.items("--rope").empty()) {
     modes.clear();
