@@ -13,6 +13,9 @@
 #include <pybind11/stl.h>
 
 #include <kqsvd/kqsvd.hpp>
+#include <kqsvd/io/activation_evaluation.hpp>
+#include <kqsvd/io/activation_file.hpp>
+#include <kqsvd/io/activation_writer.hpp>
 #include <kqsvd/io/gram_file.hpp>
 #include <kqsvd/io/projection_file.hpp>
 #include <kqsvd/io/sensitivity_file.hpp>
@@ -357,6 +360,80 @@ PYBIND11_MODULE(_core, m) {
         return py::make_tuple(file.calibration(), info);
       },
       py::arg("path"), "Reads a Gram file: (ModelCalibration, {'model', 'rope', 'rope_theta', 'producer', 'output_weights'})");
+
+  // Activation files (docs/activations.md): what kqsvd fit --calib and kqsvd gram read.
+  py::class_<kqsvd::io::ActivationFile>(m, "ActivationFile",
+                                        "A saved activation file (safetensors, docs/activations.md), validated and mapped")
+      .def(py::init<std::string>(), py::arg("path"))
+      .def_property_readonly("path", &kqsvd::io::ActivationFile::path)
+      .def_property_readonly("shape", &kqsvd::io::ActivationFile::shape)
+      .def_property_readonly("sequences", &kqsvd::io::ActivationFile::batch, "sequences in the file")
+      .def_property_readonly("tokens", &kqsvd::io::ActivationFile::tokens, "tokens per sequence")
+      .def_property_readonly("token_count", &kqsvd::io::ActivationFile::token_count, "sequences x tokens")
+      .def_property_readonly("model", [](const kqsvd::io::ActivationFile& f) { return f.metadata().model; })
+      .def_property_readonly("rope", [](const kqsvd::io::ActivationFile& f) { return std::string(kqsvd::to_string(f.metadata().rope)); },
+                             "'post' (queries and keys saved after RoPE) or 'pre'")
+      .def_property_readonly("rope_style",
+                             [](const kqsvd::io::ActivationFile& f) { return std::string(kqsvd::to_string(f.metadata().rope_style)); })
+      .def_property_readonly("rope_theta", [](const kqsvd::io::ActivationFile& f) { return f.metadata().rope_theta; })
+      .def_property_readonly("has_output_weights", &kqsvd::io::ActivationFile::has_output_weights)
+      .def("queries", &kqsvd::io::ActivationFile::queries, py::arg("layer"), py::arg("sequence"), py::arg("query_head"),
+           "tokens x head_dim float32: one query head of one sequence")
+      .def("keys", &kqsvd::io::ActivationFile::keys, py::arg("layer"), py::arg("sequence"), py::arg("kv_head"))
+      .def("values", &kqsvd::io::ActivationFile::values, py::arg("layer"), py::arg("sequence"), py::arg("kv_head"))
+      .def("output_weight", &kqsvd::io::ActivationFile::output_weight, py::arg("layer"),
+           "layers.{layer}.o_proj: hidden x (query_heads * head_dim) float32, PyTorch's layout")
+      .def("output_weights", &kqsvd::io::ActivationFile::output_weights, "every layer's output_weight(), or [] without them")
+      .def(
+          "calibrate",
+          [](const kqsvd::io::ActivationFile& self, kqsvd::ModelCalibration& calibration) {
+            py::gil_scoped_release release;
+            kqsvd::io::calibrate(calibration, self);
+          },
+          py::arg("calibration"), "adds every sequence of the file to `calibration` (of the file's shape)")
+      .def("__repr__", [](const kqsvd::io::ActivationFile& f) {
+        return "kqsvd.ActivationFile('" + f.path() + "': " + kqsvd::to_string(f.shape()) + ", " + std::to_string(f.batch()) +
+               " x " + std::to_string(f.tokens()) + " tokens)";
+      });
+
+  py::class_<kqsvd::io::ActivationWriter>(m, "ActivationWriter",
+                                          "Writes an activation file: add() each layer of each sequence, then write()")
+      .def(py::init([](const kqsvd::ModelShape& shape, Index tokens, const std::string& model, const std::string& rope,
+                       const std::string& rope_style, double rope_theta, const std::string& dtype) {
+             const std::optional<kqsvd::io::DType> storage = kqsvd::io::parse_dtype(dtype);
+             if (!storage || *storage == kqsvd::io::DType::f64) {
+               invalid("ActivationWriter", "dtype", "is '" + dtype + "'; expected f32, f16 or bf16");
+             }
+             kqsvd::io::ActivationMetadata metadata{model, kqsvd::parse_rope_mode(rope), kqsvd::parse_rope_style(rope_style),
+                                                    rope_theta};
+             return kqsvd::io::ActivationWriter(shape, tokens, std::move(metadata), *storage);
+           }),
+           py::arg("shape"), py::arg("tokens"), py::kw_only(), py::arg("model"), py::arg("rope") = "post",
+           py::arg("rope_style") = "adjacent", py::arg("rope_theta") = 10000.0, py::arg("dtype") = "f32",
+           "tokens: per sequence; rope: 'post' (queries and keys after RoPE) or 'pre'; dtype: f32, f16 or bf16")
+      .def_property_readonly("shape", &kqsvd::io::ActivationWriter::shape)
+      .def_property_readonly("tokens", &kqsvd::io::ActivationWriter::tokens)
+      .def_property_readonly("sequences", &kqsvd::io::ActivationWriter::sequences, "sequences complete in every layer")
+      .def(
+          "add",
+          [](kqsvd::io::ActivationWriter& self, Index layer, const py::handle& queries, const py::handle& keys,
+             const py::handle& values) {
+            const kqsvd::ModelShape& s = self.shape();
+            self.add(layer, rows_of<float>("ActivationWriter.add", "queries", queries, s.query_heads * s.head_dim),
+                     rows_of<float>("ActivationWriter.add", "keys", keys, s.kv_heads * s.head_dim),
+                     rows_of<float>("ActivationWriter.add", "values", values, s.kv_heads * s.head_dim));
+          },
+          py::arg("layer"), py::arg("queries"), py::arg("keys"), py::arg("values"),
+          "one sequence of one layer: tokens x (heads * head_dim) each, heads side by side")
+      .def(
+          "set_output_weight",
+          [](kqsvd::io::ActivationWriter& self, Index layer, const py::handle& weight) {
+            self.set_output_weight(layer, rows_of<float>("ActivationWriter.set_output_weight", "weight", weight));
+          },
+          py::arg("layer"), py::arg("weight"), "o_proj.weight: hidden x (query_heads * head_dim)")
+      .def("set_metadata", &kqsvd::io::ActivationWriter::set_metadata, py::arg("key"), py::arg("value"))
+      .def("write", &kqsvd::io::ActivationWriter::write, py::arg("path"), py::arg("overwrite") = false,
+           "writes the file atomically; refuses to replace one unless overwrite");
 
   py::class_<kqsvd::StorageFormat>(m, "StorageFormat", "How cached rows are stored: f32, f16, bf16, fp8_e4m3, ...")
       .def(py::init([](const std::string& name) { return kqsvd::StorageFormat::parse(name); }), py::arg("name"))

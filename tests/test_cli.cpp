@@ -41,34 +41,16 @@ const std::string data_dir = std::string(KQSVD_DATA_DIR) + "/activations/stories
 const std::string calib = data_dir + "/calib.safetensors";
 const std::string held_out = data_dir + "/eval.safetensors";
 
-struct Result {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string quote(const std::string& word) {
-  std::string quoted = "'";
-  for (const char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return quoted + "'";
-}
+using Result = kqsvd::test::CommandResult;
+using kqsvd::test::shell_quote;
 
 // Runs the tool with `arguments`; stdout and stderr go through files in the test's scratch directory.
 Result run(const fs::path& directory, const std::vector<std::string>& arguments) {
-  const fs::path out = directory / "stdout.txt", err = directory / "stderr.txt";
   // One thread per tool process: ctest runs tests side by side, and OpenMP threads spinning on shared
   // cores would make each run many times slower.
-  std::string command = "OMP_NUM_THREADS=1 " + quote(binary);
-  for (const std::string& argument : arguments) command += " " + quote(argument);
-  command += " < /dev/null > " + quote(out.string()) + " 2> " + quote(err.string());
-  const int status = std::system(command.c_str());
-  Result result;
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  result.out = kqsvd::test::read_file(out);
-  result.err = kqsvd::test::read_file(err);
-  fs::remove(out);
-  fs::remove(err);
-  return result;
+  std::string command = "OMP_NUM_THREADS=1 " + shell_quote(binary);
+  for (const std::string& argument : arguments) command += " " + shell_quote(argument);
+  return kqsvd::test::run_command(command, directory);
 }
 
 class Cli : public ::testing::Test {
@@ -523,11 +505,11 @@ TEST_F(Cli, ProbeWritesASensitivityFileThatFitAccepts) {
   const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
   const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
   const std::string weights = path("probe.json");
-  std::string command = "OMP_NUM_THREADS=1 " + quote(llama) + " probe --model " + quote(model_dir + "/stories260K.bin") +
-                        " --tokenizer " + quote(model_dir + "/tok512.bin") + " --text " +
-                        quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+  std::string command = "OMP_NUM_THREADS=1 " + shell_quote(llama) + " probe --model " + shell_quote(model_dir + "/stories260K.bin") +
+                        " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
+                        shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
                         " --calib-stories 0:6 --probe-stories 6:9 --max-tokens 48 --method kqsvd --ratio 0.5 --out " +
-                        quote(weights) + " > " + quote(path("probe.txt")) + " 2>&1";
+                        shell_quote(weights) + " > " + shell_quote(path("probe.txt")) + " 2>&1";
   ASSERT_EQ(std::system(command.c_str()), 0) << kqsvd::test::read_file(path("probe.txt"));
   const kqsvd::ModelShape shape{5, 8, 4, 8};
   const kqsvd::io::Sensitivity sensitivity = kqsvd::io::read_sensitivity_file(weights, shape);
@@ -548,14 +530,14 @@ TEST_F(Cli, ProbeWritesASensitivityFileThatFitAccepts) {
 TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
   const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
   const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
-  const std::string common = "OMP_NUM_THREADS=1 " + quote(llama) + " frontier --model " + quote(model_dir + "/stories260K.bin") +
-                             " --tokenizer " + quote(model_dir + "/tok512.bin") + " --text " +
-                             quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+  const std::string common = "OMP_NUM_THREADS=1 " + shell_quote(llama) + " frontier --model " + shell_quote(model_dir + "/stories260K.bin") +
+                             " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
+                             shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
                              " --calib-stories 0:6 --eval-stories 6:9 --max-tokens 48 --ratios 0.5 --methods kqsvd" +
                              " --latent-formats f16,int4/4 --full-formats f16,int8 --decode-tokens 4";
   const std::string report = path("frontier.json"), out = path("best.safetensors");
-  const std::string command = common + " --h2o 0.25 --budget-bits 9 --out " + quote(out) + " --json " + quote(report) + " > " +
-                              quote(path("frontier.txt")) + " 2>&1";
+  const std::string command = common + " --h2o 0.25 --budget-bits 9 --out " + shell_quote(out) + " --json " + shell_quote(report) + " > " +
+                              shell_quote(path("frontier.txt")) + " 2>&1";
   ASSERT_EQ(std::system(command.c_str()), 0) << kqsvd::test::read_file(path("frontier.txt"));
   const json frontier = json::parse(kqsvd::test::read_file(report));
   EXPECT_EQ(frontier.at("model"), "stories260K");
@@ -592,14 +574,14 @@ TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
   EXPECT_EQ(fs::exists(out), configs[best].contains("ranks")) << best;
 
   const auto refused = [&](const std::string& options, const std::string& problem) {
-    const std::string failing = common + " " + options + " > " + quote(path("refused.txt")) + " 2>&1";
+    const std::string failing = common + " " + options + " > " + shell_quote(path("refused.txt")) + " 2>&1";
     const int status = std::system(failing.c_str());
     EXPECT_EQ(WEXITSTATUS(status), 2) << options;
     EXPECT_NE(kqsvd::test::read_file(path("refused.txt")).find(problem), std::string::npos)
         << kqsvd::test::read_file(path("refused.txt"));
   };
   refused("--budget-bits 0.5", "--budget-bits 0.50 is below every configuration");
-  refused("--out " + quote(path("x.safetensors")), "--out needs --budget-bits");
+  refused("--out " + shell_quote(path("x.safetensors")), "--out needs --budget-bits");
   refused("--h2o 1", "nothing would be evicted");
   refused("--h2o 0", "--h2o");
 }

@@ -3,7 +3,8 @@
 # package registry only. Does nothing when everything is already there.
 set -euo pipefail
 
-packages=(cmake make g++ libeigen3-dev nlohmann-json3-dev googletest libgtest-dev libbenchmark-dev)
+# Open MPI: mpirun -np N kqsvd fit (built when CMake finds MPI; the tests run it).
+packages=(cmake make g++ libeigen3-dev nlohmann-json3-dev googletest libgtest-dev libbenchmark-dev libopenmpi-dev openmpi-bin)
 # --python: also what the Python module needs to build and test (tools/test_python.sh).
 if [ "${1:-}" = --python ]; then
   packages+=(pkg-config python3-dev python3-pip python3-venv python3-setuptools python3-wheel python3-pybind11 pybind11-dev

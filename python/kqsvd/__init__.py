@@ -35,6 +35,8 @@ class IoError(Error, OSError):
 
 
 from ._core import (  # noqa: E402  (the exceptions above must exist before the module translates errors)
+    ActivationFile,
+    ActivationWriter,
     GramAccumulator,
     HeadCache,
     LossWeights,
@@ -58,7 +60,7 @@ from ._core import (  # noqa: E402  (the exceptions above must exist before the 
 
 __all__ = [
     "Error", "InvalidArgument", "FormatError", "NumericalError", "IoError",
-    "GramAccumulator", "HeadCache", "LossWeights", "LowRankProjection", "ModelCalibration", "ModelProjections",
+    "ActivationFile", "ActivationWriter", "GramAccumulator", "HeadCache", "LossWeights", "LowRankProjection", "ModelCalibration", "ModelProjections",
     "ModelShape", "StorageFormat", "decode_attention", "fit_projection", "load_grams", "load_projections", "save_grams",
     "loss_aware_allocation", "read_sensitivity", "reference", "save_projections", "write_sensitivity", "__version__",
 ]

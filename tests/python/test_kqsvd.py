@@ -1,6 +1,9 @@
 """The Python module against independent numpy computations: Grams as X^T X in float64, the KQ-SVD error
 as the direct SVD of Q K^T, attention as a softmax written out; errors as the documented exceptions."""
+import json
 import math
+import os
+import struct
 
 import numpy as np
 import pytest
@@ -200,6 +203,121 @@ def test_gram_files_round_trip_and_fit_as_the_calibration(tmp_path):
         f.truncate(64)
     with pytest.raises(kqsvd.FormatError, match="g.safetensors"):
         kqsvd.load_grams(path)
+
+
+# ---- activation files ----------------------------------------------------------------------------
+
+SHIPPED_ACTIVATIONS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "activations", "stories260K",
+                                   "calib.safetensors")
+
+
+def read_safetensors(path):
+    """An independent reader: the safetensors header (JSON) and raw little-endian tensors, in numpy."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    header_length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + header_length])
+    data = blob[8 + header_length:]
+    dtypes = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        tensors[name] = np.frombuffer(data[begin:end], dtype=dtypes[entry["dtype"]]).reshape(entry["shape"])
+    return tensors, header.get("__metadata__", {})
+
+
+def test_activation_file_reads_what_the_file_holds_and_calibrates_as_xtx():
+    tensors, metadata = read_safetensors(SHIPPED_ACTIVATIONS)
+    f = kqsvd.ActivationFile(SHIPPED_ACTIVATIONS)
+    batch, query_heads, tokens, d = tensors["layers.0.q"].shape
+    assert (f.sequences, f.tokens, f.token_count) == (batch, tokens, batch * tokens)
+    assert f.shape == kqsvd.ModelShape(5, query_heads, tensors["layers.0.k"].shape[1], d)
+    assert f.model == metadata["model"] and f.rope == "post" and f.has_output_weights
+    np.testing.assert_array_equal(f.queries(3, 1, 5), tensors["layers.3.q"][1, 5])
+    np.testing.assert_array_equal(f.keys(4, 0, 2), tensors["layers.4.k"][0, 2])
+    np.testing.assert_array_equal(f.values(0, batch - 1, 3), tensors["layers.0.v"][batch - 1, 3])
+    np.testing.assert_array_equal(f.output_weight(2), tensors["layers.2.o_proj"])
+    assert len(f.output_weights()) == 5
+
+    calibration = kqsvd.ModelCalibration(f.shape)
+    f.calibrate(calibration)
+    keys = tensors["layers.1.k"][:, 3].reshape(-1, d).astype(np.float64)
+    np.testing.assert_allclose(calibration.keys(1, 3).gram, keys.T @ keys, rtol=1e-12)
+    # The queries of KV head 1 are those of query heads 2 and 3 (GQA groups of two), stacked.
+    queries = tensors["layers.2.q"][:, 2:4].reshape(-1, d).astype(np.float64)
+    np.testing.assert_allclose(calibration.queries(2, 1).gram, queries.T @ queries, rtol=1e-12)
+    assert calibration.tokens == batch * tokens
+
+
+@pytest.mark.parametrize("dtype,numpy_dtype", [("f32", np.float32), ("f16", np.float16)])
+def test_activation_writer_round_trips_through_the_reader(tmp_path, dtype, numpy_dtype):
+    shape = kqsvd.ModelShape(2, 4, 2, 8)
+    rng = np.random.default_rng(5)
+    writer = kqsvd.ActivationWriter(shape, 6, model="toy", rope="pre", rope_theta=500000.0, dtype=dtype)
+    sequences = []
+    for _ in range(3):
+        layers = [(rng.standard_normal((6, 32)), rng.standard_normal((6, 16)), rng.standard_normal((6, 16)))
+                  for _ in range(2)]
+        for layer, (q, k, v) in enumerate(layers):
+            writer.add(layer, q, k.astype(np.float32), v)
+        sequences.append(layers)
+    weights = [rng.standard_normal((12, 32)).astype(np.float32) for _ in range(2)]
+    for layer, w in enumerate(weights):
+        writer.set_output_weight(layer, w)
+    writer.set_metadata("source", "unit test")
+    assert writer.sequences == 3
+    path = str(tmp_path / "a.safetensors")
+    writer.write(path)
+
+    f = kqsvd.ActivationFile(path)
+    assert (f.shape, f.sequences, f.tokens, f.model, f.rope, f.rope_theta) == (shape, 3, 6, "toy", "pre", 500000.0)
+    stored = lambda x: x.astype(numpy_dtype).astype(np.float32)  # noqa: E731  (the file's rounding)
+    q, k, v = sequences[2][1]
+    np.testing.assert_array_equal(f.queries(1, 2, 3), stored(q[:, 24:32]))
+    np.testing.assert_array_equal(f.keys(1, 2, 1), stored(k[:, 8:16]))
+    np.testing.assert_array_equal(f.values(1, 2, 0), stored(v[:, 0:8]))
+    np.testing.assert_array_equal(f.output_weight(1), stored(weights[1]))
+    _, metadata = read_safetensors(path)
+    assert metadata["source"] == "unit test"
+
+    with pytest.raises(kqsvd.IoError, match="a.safetensors"):
+        writer.write(path)  # exists
+    writer.write(path, overwrite=True)
+
+
+def test_activation_file_errors_name_the_input(tmp_path):
+    shape = kqsvd.ModelShape(2, 4, 2, 8)
+    with pytest.raises(kqsvd.InvalidArgument, match="dtype"):
+        kqsvd.ActivationWriter(shape, 6, model="toy", dtype="int8")
+    with pytest.raises(kqsvd.InvalidArgument, match="model"):
+        kqsvd.ActivationWriter(shape, 6, model="")
+    writer = kqsvd.ActivationWriter(shape, 6, model="toy")
+    good = np.zeros((6, 16))
+    with pytest.raises(kqsvd.InvalidArgument, match="'queries' has 16 columns, expected 32"):
+        writer.add(0, good, good, good)
+    with pytest.raises(kqsvd.InvalidArgument, match="keys"):
+        writer.add(0, np.zeros((6, 32)), np.full((6, 16), np.nan), good)
+    with pytest.raises(kqsvd.InvalidArgument, match="rows"):
+        writer.add(0, np.zeros((5, 32)), np.zeros((5, 16)), np.zeros((5, 16)))
+    with pytest.raises(kqsvd.InvalidArgument, match="layer"):
+        writer.add(2, np.zeros((6, 32)), good, good)
+    with pytest.raises(kqsvd.InvalidArgument, match="no sequences"):
+        writer.write(str(tmp_path / "empty.safetensors"))
+    assert not os.path.exists(tmp_path / "empty.safetensors")
+    with pytest.raises(kqsvd.IoError, match="missing.safetensors"):
+        kqsvd.ActivationFile(str(tmp_path / "missing.safetensors"))
+    truncated = tmp_path / "truncated.safetensors"
+    with open(SHIPPED_ACTIVATIONS, "rb") as f:
+        truncated.write_bytes(f.read(5000))
+    with pytest.raises(kqsvd.FormatError, match="truncated.safetensors"):
+        kqsvd.ActivationFile(str(truncated))
+    f = kqsvd.ActivationFile(SHIPPED_ACTIVATIONS)
+    with pytest.raises(kqsvd.InvalidArgument, match="kv_head"):
+        f.keys(0, 0, 4)
+    with pytest.raises(kqsvd.InvalidArgument, match="shape"):
+        f.calibrate(kqsvd.ModelCalibration(kqsvd.ModelShape(2, 4, 2, 8)))
 
 
 def test_loss_aware_allocation_spends_the_budget_where_the_weights_are(tmp_path):

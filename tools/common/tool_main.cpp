@@ -23,12 +23,17 @@ std::string one_line(std::string message) {
   return message;
 }
 
+// One write per message: the processes of an MPI job share one stderr, and pieces of their lines
+// written separately interleave.
+void report(const std::string& line) { std::cerr << (line + "\n") << std::flush; }
+
 }  // namespace
 
 std::string tool_version() { return std::string("kqsvd ") + version_string; }
 
 int run_tool(const std::string& tool, const std::string& usage, const std::vector<std::pair<std::string, Command>>& commands,
-             int argc, char** argv) {
+             int argc, char** argv, const std::string& signature) {
+  const std::string& speaker = signature.empty() ? tool : signature;
   if (argc < 2) {
     std::cerr << usage;
     return exit_usage_error;
@@ -54,15 +59,15 @@ int run_tool(const std::string& tool, const std::string& usage, const std::vecto
     for (const auto& entry : commands) names += (names.empty() ? "" : ", ") + entry.first;
     throw UsageError("unknown command '" + command + "' (expected " + names + "; see " + tool + " --help)");
   } catch (const UsageError& error) {
-    std::cerr << tool << ": " << one_line(error.what()) << " (see " << tool << " "
-              << (command.rfind('-', 0) == 0 ? "" : command + " ") << "--help)\n";
+    report(speaker + ": " + one_line(error.what()) + " (see " + tool + " " +
+           (command.rfind('-', 0) == 0 ? "" : command + " ") + "--help)");
     return exit_usage_error;
   } catch (const std::bad_alloc&) {
-    std::cerr << tool << ": out of memory\n";
+    report(speaker + ": out of memory");
     return exit_data_error;
   } catch (const std::exception& error) {
     // kqsvd::Error (malformed or unreadable files, unusable values) and DataError.
-    std::cerr << tool << ": " << one_line(error.what()) << "\n";
+    report(speaker + ": " + one_line(error.what()));
     return exit_data_error;
   }
 }

@@ -19,8 +19,9 @@ using Command = std::function<int(const std::vector<std::string>&)>;
 std::string tool_version();
 
 // Runs argv[1] as one of `commands` with the words after it. Errors print "<tool>: <message>" on one
-// line: UsageError and kqsvd::InvalidArgument met while parsing exit 2, every other failure 1.
+// line: UsageError exits 2, every other failure 1. `signature` signs the error messages (default: the
+// tool's name; "kqsvd (rank 1 of 3)" in an MPI job).
 int run_tool(const std::string& tool, const std::string& usage, const std::vector<std::pair<std::string, Command>>& commands,
-             int argc, char** argv);
+             int argc, char** argv, const std::string& signature = {});
 
 }  // namespace kqsvd::cli

@@ -6,10 +6,13 @@
 #include <string>
 #include <vector>
 
+#include "process_group.hpp"
+
 namespace kqsvd::cli {
 
-int fit_command(const std::vector<std::string>& words);
-int gram_command(const std::vector<std::string>& words);
+// fit and gram run on every rank of an MPI job (process_group.hpp); the others in one process.
+int fit_command(const std::vector<std::string>& words, const ProcessGroup& group);
+int gram_command(const std::vector<std::string>& words, const ProcessGroup& group);
 int eval_command(const std::vector<std::string>& words);
 int compare_command(const std::vector<std::string>& words);
 int analyze_command(const std::vector<std::string>& words);

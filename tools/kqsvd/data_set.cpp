@@ -34,7 +34,7 @@ std::string describe_model(const ModelShape& shape, const std::string& model, Ro
          io::rope_spelling(rope) + ")";
 }
 
-Calibration calibrate_files(const std::vector<std::string>& paths) {
+Calibration calibrate_files(const std::vector<std::string>& paths, const std::optional<io::ActivationLayout>& expected) {
   if (paths.empty()) throw UsageError("no calibration files");
   std::optional<Calibration> result;
   ProgressBar progress("calibrating", paths.size());
@@ -42,7 +42,8 @@ Calibration calibrate_files(const std::vector<std::string>& paths) {
     // Only this file is open: memory does not grow with the number or size of the files.
     const io::ActivationFile file(path);
     if (!result) {
-      result = Calibration{ModelCalibration(file.shape()), file.layout(), 0, {}};
+      if (expected) file.require_layout(*expected);
+      result = Calibration{ModelCalibration(file.shape()), expected ? *expected : file.layout(), 0, {}};
     } else {
       file.require_layout(result->layout);
     }

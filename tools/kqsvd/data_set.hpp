@@ -39,8 +39,10 @@ bool path_exists(const std::string& path);
 // "model (L layers, Q query / K KV heads, head_dim d, rope R)", for messages.
 std::string describe_model(const ModelShape& shape, const std::string& model, RopeMode rope);
 
-// Streams the files into Gram accumulators; every file must match the first one's layout.
-Calibration calibrate_files(const std::vector<std::string>& paths);
+// Streams the files into Gram accumulators; every file must match the first one's layout, and that
+// one `expected` when given.
+Calibration calibrate_files(const std::vector<std::string>& paths,
+                            const std::optional<io::ActivationLayout>& expected = std::nullopt);
 
 // Gram files (kqsvd gram, the Python module) merged in order into one calibration; every file must be of
 // the first one's model, shape and RoPE mode (a DataError naming the file otherwise).

@@ -12,7 +12,9 @@
 #include "arguments.hpp"
 #include "commands.hpp"
 #include "data_set.hpp"
+#include "distributed_calibration.hpp"
 #include "errors.hpp"
+#include "process_group.hpp"
 #include "progress.hpp"
 #include "tool_main.hpp"
 
@@ -57,6 +59,11 @@ The files are streamed one at a time: memory does not grow with their number or 
   --out FILE       the projection file, written atomically (never left half-written)
   --force          replace --out if it exists (otherwise that is an error)
 
+Under MPI (mpirun -np N kqsvd fit ..., the same arguments; a kqsvd built where CMake found MPI), each
+rank reads a contiguous share of the --calib or --grams files, the Grams are summed in a fixed order
+into rank 0, which fits and writes --out: the same spectra as one process to rounding, the same bytes
+on every run with N ranks. If any rank fails, every rank exits non-zero and no file is written.
+
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line.
 )";
 
@@ -95,7 +102,29 @@ void require_rank_within(const char* option, long rank, const io::ActivationLayo
 
 }  // namespace
 
-int fit_command(const std::vector<std::string>& words) {
+namespace {
+
+// What kqsvd fit was asked to do, checked before the long work starts.
+struct FitRequest {
+  std::vector<std::string> inputs;  // activation or Gram files
+  CalibrationFiles kind = CalibrationFiles::activations;
+  io::ActivationLayout layout;      // of inputs.front()
+  Method method = Method::kq_svd;
+  RankSelection key_selection = RankSelection::fixed(1);
+  RankSelection value_selection = RankSelection::fixed(1);
+  std::optional<MemoryBudget> budget;
+  std::optional<io::Sensitivity> sensitivity;
+  std::string sensitivity_path;
+  BudgetSharing sharing = BudgetSharing::joint;
+  StorageFormat latents;
+  bool rotate = false;
+  std::optional<std::string> weights_path;
+  std::string out;
+  bool force = false;
+};
+
+// Parses and checks the command line and whatever files the checks need; nullopt for --help.
+std::optional<FitRequest> prepare_fit(const std::vector<std::string>& words) {
   const Arguments args(words, {{"--calib", OptionKind::list},
                                {"--grams", OptionKind::list},
                                {"--method", OptionKind::value},
@@ -110,14 +139,13 @@ int fit_command(const std::vector<std::string>& words) {
                                {"--rotate", OptionKind::value},
                                {"--out", OptionKind::value},
                                {"--force", OptionKind::flag}});
-  if (args.help()) {
-    std::cout << fit_usage;
-    return exit_success;
-  }
+  if (args.help()) return std::nullopt;
+  FitRequest request;
   args.require_one_of("--calib", "--grams");
   const bool from_grams = !args.list("--grams").empty();
-  const std::vector<std::string> calib = from_grams ? args.list("--grams") : args.list("--calib");
-  const Method method = parse_method_option(args.required_value("--method"));
+  request.kind = from_grams ? CalibrationFiles::grams : CalibrationFiles::activations;
+  request.inputs = from_grams ? args.list("--grams") : args.list("--calib");
+  request.method = parse_method_option(args.required_value("--method"));
   const int rank_choices = (args.value("--rank") ? 1 : 0) + (args.value("--eps") ? 1 : 0) + (args.value("--budget") ? 1 : 0);
   if (rank_choices != 1) throw UsageError("give exactly one of --rank, --eps and --budget");
   const std::optional<long> rank = args.positive_integer("--rank");
@@ -139,32 +167,32 @@ int fit_command(const std::vector<std::string>& words) {
   } else if (sharing_name && !sensitivity_path) {
     throw UsageError("--budget-sharing needs --sensitivity: without it every projection gets the same rank");
   }
-  const BudgetSharing sharing = sharing_name && *sharing_name == "separate" ? BudgetSharing::separate : BudgetSharing::joint;
-  StorageFormat latents;
+  request.sharing = sharing_name && *sharing_name == "separate" ? BudgetSharing::separate : BudgetSharing::joint;
   if (latents_name) {
     try {
-      latents = StorageFormat::parse(*latents_name);
+      request.latents = StorageFormat::parse(*latents_name);
     } catch (const InvalidArgument& error) {
       throw UsageError("--latents: " + std::string(error.what()));
     }
   }
   const std::optional<std::string> rotate = args.value("--rotate");
   if (rotate && *rotate != "hadamard") throw UsageError("--rotate must be hadamard, got '" + *rotate + "'");
-  const std::string out = args.required_value("--out");
-  const bool force = args.flag("--force");
+  request.rotate = rotate.has_value();
+  request.weights_path = args.value("--weights");
+  request.out = args.required_value("--out");
+  request.force = args.flag("--force");
   // Checked first so that a long fit is not thrown away at the end; the atomic write checks again.
-  if (!force && path_exists(out)) throw DataError("'" + out + "' already exists; pass --force to replace it");
+  if (!request.force && path_exists(request.out)) {
+    throw DataError("'" + request.out + "' already exists; pass --force to replace it");
+  }
 
-  // Gram files are small (d x d per head): merged here, before the checks that need their layout.
-  std::optional<Calibration> from_gram_files;
-  if (from_grams) from_gram_files = merge_gram_files(calib);
-  const io::ActivationLayout layout = from_grams ? from_gram_files->layout : read_layout(calib.front());
+  request.layout = first_layout(request.inputs, request.kind);
+  const io::ActivationLayout& layout = request.layout;
   if (rank) require_rank_within("--rank", *rank, layout);
   if (value_rank) require_rank_within("--value-rank", *value_rank, layout);
-  std::optional<MemoryBudget> budget;
-  std::optional<io::Sensitivity> sensitivity;
   if (budget_fraction) {
-    budget = MemoryBudget::fraction_of_full_cache(*budget_fraction);
+    const StorageFormat& latents = request.latents;
+    request.budget = MemoryBudget::fraction_of_full_cache(*budget_fraction);
     if (latents.width_multiple() > 1 && layout.shape.head_dim % latents.width_multiple() != 0) {
       throw UsageError("--latents " + latents.name() + " stores blocks of " + std::to_string(latents.width_multiple()) +
                        ", which do not divide head_dim " + std::to_string(layout.shape.head_dim));
@@ -172,7 +200,7 @@ int fit_command(const std::vector<std::string>& words) {
     // The least a budget must hold: the smallest rank the format stores, in every projection.
     const std::int64_t least = 2 * layout.shape.layers * layout.shape.kv_heads * latents.bytes_per_row(latents.width_multiple());
     const std::int64_t full = 2 * layout.shape.layers * layout.shape.kv_heads * latents.bytes_per_row(layout.shape.head_dim);
-    if (budget->bytes_for(layout.shape, latents) < least) {
+    if (request.budget->bytes_for(layout.shape, latents) < least) {
       std::ostringstream smallest;
       smallest << static_cast<double>(least) / static_cast<double>(full);
       throw UsageError("--budget " + *args.value("--budget") + " is less than rank " + std::to_string(latents.width_multiple()) +
@@ -180,75 +208,100 @@ int fit_command(const std::vector<std::string>& words) {
                        " of the full cache");
     }
     if (sensitivity_path) {
-      sensitivity = io::read_sensitivity_file(*sensitivity_path, layout.shape);
+      request.sensitivity_path = *sensitivity_path;
+      request.sensitivity = io::read_sensitivity_file(*sensitivity_path, layout.shape);
+      const io::Sensitivity& sensitivity = *request.sensitivity;
       const auto mismatch = [&](const std::string& what, const std::string& file_value, const std::string& ours) {
         throw DataError("--sensitivity '" + *sensitivity_path + "' was measured for " + what + " " + file_value + ", but " +
                         ours);
       };
-      if (sensitivity->method != method) {
-        mismatch("method", to_string(sensitivity->method), "--method is " + std::string(to_string(method)));
+      if (sensitivity.method != request.method) {
+        mismatch("method", to_string(sensitivity.method), "--method is " + std::string(to_string(request.method)));
       }
-      if (sensitivity->rope != layout.metadata.rope) {
-        mismatch("rope", io::rope_spelling(sensitivity->rope),
+      if (sensitivity.rope != layout.metadata.rope) {
+        mismatch("rope", io::rope_spelling(sensitivity.rope),
                  "the calibration files have rope " + std::string(io::rope_spelling(layout.metadata.rope)));
       }
-      if (!sensitivity->model.empty() && !layout.metadata.model.empty() && sensitivity->model != layout.metadata.model) {
-        mismatch("model", "'" + sensitivity->model + "'", "the calibration files are of '" + layout.metadata.model + "'");
+      if (!sensitivity.model.empty() && !layout.metadata.model.empty() && sensitivity.model != layout.metadata.model) {
+        mismatch("model", "'" + sensitivity.model + "'", "the calibration files are of '" + layout.metadata.model + "'");
       }
     }
   }
-  const RankSelection key_selection =
+  request.key_selection =
       rank ? RankSelection::fixed(*rank) : epsilon ? RankSelection::error_budget(*epsilon) : RankSelection::fixed(layout.shape.head_dim);
-  const RankSelection value_selection = value_rank ? RankSelection::fixed(*value_rank) : key_selection;
+  request.value_selection = value_rank ? RankSelection::fixed(*value_rank) : request.key_selection;
+  return request;
+}
 
-  const Calibration calibration = from_grams ? std::move(*from_gram_files) : calibrate_files(calib);
+// Fits the request's projections to the calibration and writes the projection file.
+void fit_and_write(const FitRequest& request, const Calibration& calibration) {
+  const bool from_grams = request.kind == CalibrationFiles::grams;
+  const io::ActivationLayout& layout = request.layout;
   const std::vector<WeightMatrix> weights =
-      choose_output_weights(args.value("--weights"), {calibration.output_weights}, layout.shape);
-  if (method == Method::kq_svd && weights.empty()) {
+      choose_output_weights(request.weights_path, {calibration.output_weights}, layout.shape);
+  if (request.method == Method::kq_svd && weights.empty()) {
     throw DataError(std::string("KQ-SVD fits values to the output projection, but the ") + (from_grams ? "Gram" : "calibration") +
                     " files hold no layers.{l}.o_proj; give --weights FILE");
   }
-  ModelProjections<float> fitted =
-      ModelProjections<float>::fit(calibration.statistics, weights, method, key_selection, value_selection);
+  ModelProjections<float> fitted = ModelProjections<float>::fit(calibration.statistics, weights, request.method,
+                                                                request.key_selection, request.value_selection);
   std::string rank_allocation;
-  if (budget) {
+  if (request.budget) {
     // Fitted at full rank above; every method orders its directions, so truncating is fitting lower.
-    const std::string spent = budget->to_string() + " in " + latents.name();
-    if (sensitivity) {
+    const std::string spent = request.budget->to_string() + " in " + request.latents.name();
+    if (request.sensitivity) {
       LossAwareOptions options;
-      options.format = latents;
-      options.sharing = sharing;
-      const LossAwareAllocation allocation = loss_aware_allocation(fitted, sensitivity->weights, *budget, options);
+      options.format = request.latents;
+      options.sharing = request.sharing;
+      const LossAwareAllocation allocation = loss_aware_allocation(fitted, request.sensitivity->weights, *request.budget, options);
       fitted = fitted.truncated(allocation.ranks);
-      rank_allocation = "loss-aware, " + spent + ", " + to_string(sharing) + " budget, sensitivity '" +
-                        *sensitivity_path + "'";
+      rank_allocation = "loss-aware, " + spent + ", " + to_string(request.sharing) + " budget, sensitivity '" +
+                        request.sensitivity_path + "'";
     } else {
-      fitted = fitted.truncated(uniform_allocation(layout.shape, *budget, latents));
+      fitted = fitted.truncated(uniform_allocation(layout.shape, *request.budget, request.latents));
       rank_allocation = "uniform, " + spent;
     }
   }
-  const ModelProjections<float> projections = rotate ? hadamard_rotated(fitted) : fitted;
+  const ModelProjections<float> projections = request.rotate ? hadamard_rotated(fitted) : fitted;
 
   io::ProjectionInfo info;
   info.model = layout.metadata.model;
   info.rope = layout.metadata.rope;
   info.rope_style = layout.metadata.rope_style;
   info.rope_theta = layout.metadata.rope_theta;
-  if (!budget) {
-    info.key_rank = key_selection;
-    info.value_rank = value_selection;
+  if (!request.budget) {
+    info.key_rank = request.key_selection;
+    info.value_rank = request.value_selection;
   }
   info.rank_allocation = rank_allocation;
   info.calibration_tokens = calibration.tokens;
   info.producer = tool_version();
-  io::ProjectionFile(projections, info).save(out, force);
+  io::ProjectionFile(projections, info).save(request.out, request.force);
 
-  std::cout << "wrote " << out << ": " << to_string(method) << " projections of "
+  const std::size_t files = request.inputs.size();
+  std::cout << "wrote " << request.out << ": " << to_string(request.method) << " projections of "
             << describe_model(layout.shape, layout.metadata.model, layout.metadata.rope) << "; key rank "
             << projections.ranks().describe_keys() << ", value rank " << projections.ranks().describe_values()
-            << ", compression " << projections.ranks().compression_ratio() << (rotate ? ", latents rotated" : "")
-            << "; calibrated on " << calibration.tokens << " tokens from " << calib.size()
-            << (from_grams ? " Gram" : "") << (calib.size() == 1 ? " file" : " files") << "\n";
+            << ", compression " << projections.ranks().compression_ratio() << (request.rotate ? ", latents rotated" : "")
+            << "; calibrated on " << calibration.tokens << " tokens from " << files << (from_grams ? " Gram" : "")
+            << (files == 1 ? " file" : " files") << "\n";
+}
+
+}  // namespace
+
+int fit_command(const std::vector<std::string>& words, const ProcessGroup& group) {
+  // Every step runs on every rank and is agreed on (ProcessGroup::together): an error anywhere stops
+  // all ranks, each with a non-zero exit code, before rank 0 writes anything.
+  std::optional<FitRequest> request;
+  group.together([&] { request = prepare_fit(words); });
+  if (!request) {
+    if (group.rank() == 0) std::cout << fit_usage;
+    return exit_success;
+  }
+  const Calibration calibration = calibrate_together(group, request->inputs, request->kind, request->layout);
+  group.together([&] {
+    if (group.rank() == 0) fit_and_write(*request, calibration);
+  });
   return exit_success;
 }
 
