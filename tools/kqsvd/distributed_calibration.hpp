@@ -2,8 +2,8 @@
 // a ProcessGroup (mpirun -np N kqsvd fit/gram), or in this process alone.
 //
 //   const io::ActivationLayout layout = first_layout(paths, CalibrationFiles::activations);
-//   std::optional<Calibration> calibration = calibrate_together(group, paths, CalibrationFiles::activations, layout);
-//   if (group.rank() == 0) fit(*calibration);     // complete on rank 0 only
+//   Calibration calibration = calibrate_together(group, paths, CalibrationFiles::activations, layout);
+//   if (group.rank() == 0) fit(calibration);      // complete on rank 0 only
 #pragma once
 
 #include <optional>

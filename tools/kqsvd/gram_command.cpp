@@ -2,8 +2,8 @@
 // that kqsvd fit --grams merges with any number of others -- calibration shards computed anywhere.
 #include <kqsvd/io/gram_file.hpp>
 
-#include <iostream>
 #include <cstdint>
+#include <iostream>
 #include <optional>
 #include <string>
 #include <vector>
