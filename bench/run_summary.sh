@@ -2,7 +2,7 @@
 # Builds the benchmark suite (Release, -march=native) if needed, runs every program with JSON output
 # and prints the summary tables (Markdown) with PASS/MISS per target.
 #
-#   bash bench/run_summary.sh                 # ~10 minutes on a 2-core machine
+#   bash bench/run_summary.sh                 # ~36 minutes on a 2-core machine (2026-12-01)
 #
 # Environment: KQSVD_BENCH_BUILD_DIR (default: build-bench), KQSVD_BENCH_JOBS (default 2),
 # KQSVD_BENCH_REPETITIONS (default 3; the summary takes medians), OMP_NUM_THREADS (default: all cores).
