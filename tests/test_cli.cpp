@@ -222,6 +222,22 @@ TEST_F(Cli, GramFilesFitExactlyAsTheActivationsAndMerge) {
              "is not a kqsvd Gram file");
   fs::resize_file(other, 100);
   data_error(kqsvd({"fit", "--grams", other, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}), other);
+  // The checks before the fit read the first file's metadata only (GramFile::read_header); a tensor
+  // spoilt behind intact metadata is still found when the Grams are read, and named.
+  const kqsvd::io::GramFile::Header header = kqsvd::io::GramFile::read_header(grams);
+  EXPECT_EQ(header.shape, file.shape());
+  EXPECT_EQ(header.info.model, file.info().model);
+  EXPECT_EQ(header.info.rope, file.info().rope);
+  EXPECT_EQ(header.info.rope_theta, file.info().rope_theta);
+  EXPECT_EQ(header.info.producer, file.info().producer);
+  std::string spoilt = kqsvd::test::read_file(grams);
+  std::fill(spoilt.end() - 8, spoilt.end(), '\xff');  // the last tensor's last element: NaN
+  kqsvd::test::write_file(other, spoilt);
+  EXPECT_EQ(kqsvd::io::GramFile::read_header(other).shape, file.shape());
+  data_error(kqsvd({"fit", "--grams", other, "--method", "ksvd", "--rank", "4", "--out", path("x.safetensors")}), other);
+  const Result too_high = kqsvd({"fit", "--grams", grams, "--method", "ksvd", "--rank", "9", "--out", path("x.safetensors")});
+  EXPECT_EQ(too_high.exit_code, 2) << too_high.err;
+  EXPECT_NE(too_high.err.find("--rank 9 is more than head_dim 8"), std::string::npos) << too_high.err;
   // KQ-SVD values need o_proj: a Gram file without it says so.
   kqsvd::io::GramFile(file.calibration(), file.info()).save(other, /*overwrite=*/true);
   data_error(kqsvd({"fit", "--grams", other, "--method", "kqsvd", "--rank", "4", "--out", path("x.safetensors")}),

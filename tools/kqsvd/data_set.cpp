@@ -70,14 +70,19 @@ Calibration merge_gram_files(const std::vector<std::string>& paths) {
       throw DataError(std::string(error.what()) + " (first file '" + paths.front() + "')");
     }
   }
+  return Calibration{merged->calibration(), gram_layout(merged->shape(), merged->info(), paths.front()),
+                     merged->calibration().token_count(), merged->output_weights()};
+}
+
+io::ActivationLayout gram_layout(const ModelShape& shape, const io::GramFileInfo& info, const std::string& source) {
   io::ActivationLayout layout;
-  layout.shape = merged->shape();
-  layout.metadata.model = merged->info().model;
-  layout.metadata.rope = merged->info().rope;
-  layout.metadata.rope_style = merged->info().rope_style;
-  layout.metadata.rope_theta = merged->info().rope_theta;
-  layout.source = paths.front();
-  return Calibration{merged->calibration(), layout, merged->calibration().token_count(), merged->output_weights()};
+  layout.shape = shape;
+  layout.metadata.model = info.model;
+  layout.metadata.rope = info.rope;
+  layout.metadata.rope_style = info.rope_style;
+  layout.metadata.rope_theta = info.rope_theta;
+  layout.source = source;
+  return layout;
 }
 
 std::vector<WeightMatrix> choose_output_weights(const std::optional<std::string>& weights_file,

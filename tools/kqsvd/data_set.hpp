@@ -48,6 +48,9 @@ Calibration calibrate_files(const std::vector<std::string>& paths,
 // the first one's model, shape and RoPE mode (a DataError naming the file otherwise).
 Calibration merge_gram_files(const std::vector<std::string>& paths);
 
+// What a Gram file's shape and info say, as the layout activation files of the same data would have.
+io::ActivationLayout gram_layout(const ModelShape& shape, const io::GramFileInfo& info, const std::string& source);
+
 // The layout of an activation file (to check arguments such as --rank before the long work).
 io::ActivationLayout read_layout(const std::string& path);
 

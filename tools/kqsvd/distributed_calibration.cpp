@@ -110,7 +110,9 @@ Calibration calibrate_share(const std::vector<std::string>& share, CalibrationFi
 io::ActivationLayout first_layout(const std::vector<std::string>& paths, CalibrationFiles kind) {
   if (paths.empty()) throw UsageError(kind == CalibrationFiles::grams ? "no Gram files" : "no calibration files");
   if (kind == CalibrationFiles::activations) return read_layout(paths.front());
-  return merge_gram_files({paths.front()}).layout;
+  // The metadata only: the file is read whole once, in its rank's share.
+  const io::GramFile::Header header = io::GramFile::read_header(paths.front());
+  return gram_layout(header.shape, header.info, paths.front());
 }
 
 Calibration calibrate_together(const ProcessGroup& group, const std::vector<std::string>& paths, CalibrationFiles kind,

@@ -158,6 +158,17 @@ class GramFile {
     return reader.read();
   }
 
+  // A Gram file's model shape and info from its metadata alone, its tensors neither read nor checked:
+  // for checks that come before the Grams are needed (load() validates the rest).
+  struct Header {
+    ModelShape shape;
+    GramFileInfo info;
+  };
+  static Header read_header(const std::string& path) {
+    const SafetensorsFile file(path);
+    return Reader{file}.header();
+  }
+
  private:
   static void add(SafetensorsWriter& out, const std::string& prefix, const GramAccumulator& accumulator) {
     const Eigen::MatrixXd gram = accumulator.gram();
@@ -206,14 +217,18 @@ class GramFile {
       }
     }
 
-    GramFile read() {
+    Header header() const {
       metadata.require_format(detail::gram_format, detail::gram_format_version, "Gram file",
                               "is it an activation or projection file?");
-      const ModelShape shape = metadata.shape();
-      GramFileInfo info;
-      info.model = entry("model");
-      metadata.rope(info);
-      info.producer = entry("producer");
+      Header result{metadata.shape(), {}};
+      result.info.model = entry("model");
+      metadata.rope(result.info);
+      result.info.producer = entry("producer");
+      return result;
+    }
+
+    GramFile read() {
+      auto [shape, info] = header();
 
       const Index d = shape.head_dim;
       ModelCalibration calibration(shape);
