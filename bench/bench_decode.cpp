@@ -9,6 +9,7 @@
 //                                        with r_k = r_v = r in format F
 //   BM_DecodeCacheCompute/F/width        one HeadCache of 2048 tokens, resident in L2: compute cost per
 //                                        token (width 128: full rows; less: latents of that rank)
+// F+int8 (F = q4_0, int4, int2): the same with kqsvd::DecodeArithmetic::int8_dot_products.
 //
 // A decode step of a model touches every head's cache once, so caches are never hot in the CPU's
 // caches: each iteration runs one step over a pool of heads holding 512 MiB in all (a Llama-2-7B at 1k
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ceilings.hpp"
@@ -137,7 +139,7 @@ std::vector<kqsvd::HeadCache> head_caches(Index heads, Index tokens, Index width
   return caches;
 }
 
-void BM_DecodeFullCache(benchmark::State& state, const kqsvd::StorageFormat& format) {
+void BM_DecodeFullCache(benchmark::State& state, const kqsvd::StorageFormat& format, kqsvd::DecodeArithmetic arithmetic) {
   const Index tokens = state.range(0);
   const double bytes_per_token = 2.0 * static_cast<double>(format.bytes_per_row(head_dim));
   const Index heads = pool_heads(tokens, bytes_per_token);
@@ -145,7 +147,7 @@ void BM_DecodeFullCache(benchmark::State& state, const kqsvd::StorageFormat& for
   const std::vector<Eigen::RowVectorXf> q = queries(heads, head_dim);
   std::vector<Eigen::RowVectorXf> out(static_cast<std::size_t>(heads));
   time_pool(state, heads, static_cast<double>(heads * tokens) * bytes_per_token,
-            [&](std::size_t i) { out[i] = kqsvd::decode_attention(q[i], caches[i]); });
+            [&](std::size_t i) { out[i] = kqsvd::decode_attention(q[i], caches[i], arithmetic); });
   state.counters["bytes_per_token"] = bytes_per_token;
 }
 
@@ -162,7 +164,7 @@ std::vector<std::pair<kqsvd::LowRankProjection<float>, kqsvd::LowRankProjection<
   return result;
 }
 
-void BM_DecodeLatent(benchmark::State& state, const kqsvd::StorageFormat& format) {
+void BM_DecodeLatent(benchmark::State& state, const kqsvd::StorageFormat& format, kqsvd::DecodeArithmetic arithmetic) {
   const Index tokens = state.range(0), rank = state.range(1);
   const double bytes_per_token = 2.0 * static_cast<double>(format.bytes_per_row(rank));
   const Index heads = pool_heads(tokens, bytes_per_token);
@@ -172,7 +174,7 @@ void BM_DecodeLatent(benchmark::State& state, const kqsvd::StorageFormat& format
   std::vector<Eigen::RowVectorXf> out(static_cast<std::size_t>(heads));
   time_pool(state, heads, static_cast<double>(heads * tokens) * bytes_per_token, [&](std::size_t i) {
     const auto& [keys, values] = pairs[i % pairs.size()];
-    out[i] = kqsvd::decode_attention(keys, values, q[i], caches[i]);
+    out[i] = kqsvd::decode_attention(keys, values, q[i], caches[i], arithmetic);
   });
   state.counters["bytes_per_token"] = bytes_per_token;
 }
@@ -191,16 +193,17 @@ void BM_DecodeFullCompute(benchmark::State& state) {
   state.counters["tokens"] = static_cast<double>(compute_tokens);
 }
 
-void BM_DecodeCacheCompute(benchmark::State& state, const kqsvd::StorageFormat& format) {
+void BM_DecodeCacheCompute(benchmark::State& state, const kqsvd::StorageFormat& format,
+                           kqsvd::DecodeArithmetic arithmetic) {
   const Index width = state.range(0);  // head_dim: a full cache; less: latents of that rank
   const auto pair = projections(1, std::min(width, head_dim)).front();
   const std::vector<kqsvd::HeadCache> cache = head_caches(1, compute_tokens, width, format);
   const Eigen::RowVectorXf q = queries(1, head_dim)[0];
   for (auto _ : state) {
     if (width == head_dim) {
-      benchmark::DoNotOptimize(kqsvd::decode_attention(q, cache.front()));
+      benchmark::DoNotOptimize(kqsvd::decode_attention(q, cache.front(), arithmetic));
     } else {
-      benchmark::DoNotOptimize(kqsvd::decode_attention(pair.first, pair.second, q, cache.front()));
+      benchmark::DoNotOptimize(kqsvd::decode_attention(pair.first, pair.second, q, cache.front(), arithmetic));
     }
   }
   state.counters["tokens"] = static_cast<double>(compute_tokens);
@@ -219,19 +222,29 @@ BENCHMARK(BM_DecodeAccessPattern)->Apply(full_sizes);
 BENCHMARK_TEMPLATE(BM_DecodeFullCompute, float)->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_DecodeFullCompute, Eigen::half)->Unit(benchmark::kMicrosecond);
 
-// The formats benchmarked, registered by name (the summary reads the names back).
+// The formats benchmarked, registered by name (the summary reads the names back); the 4- and 2-bit
+// formats once more with integer dot products, as "F+int8".
+std::vector<std::pair<std::string, kqsvd::DecodeArithmetic>> arithmetics(const kqsvd::StorageFormat& format) {
+  std::vector<std::pair<std::string, kqsvd::DecodeArithmetic>> result = {{"", kqsvd::DecodeArithmetic::float32}};
+  if (format.code_bits() < 8) result.emplace_back("+int8", kqsvd::DecodeArithmetic::int8_dot_products);
+  return result;
+}
+
 const bool registered = [] {
   for (const char* name : {"f16", "bf16", "fp8_e4m3", "int8", "q8_0", "q4_0", "int4", "int2"}) {
     const kqsvd::StorageFormat format = kqsvd::StorageFormat::parse(name);
-    benchmark::RegisterBenchmark((std::string("BM_DecodeFullCache/") + name).c_str(), BM_DecodeFullCache, format)
-        ->ArgName("tokens")
-        ->ArgsProduct({format_tokens})
-        ->UseRealTime()
-        ->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark((std::string("BM_DecodeCacheCompute/") + name).c_str(), BM_DecodeCacheCompute, format)
-        ->ArgName("width")
-        ->Arg(head_dim)
-        ->Unit(benchmark::kMicrosecond);
+    for (const auto& [suffix, arithmetic] : arithmetics(format)) {
+      const std::string label = name + suffix;
+      benchmark::RegisterBenchmark(("BM_DecodeFullCache/" + label).c_str(), BM_DecodeFullCache, format, arithmetic)
+          ->ArgName("tokens")
+          ->ArgsProduct({format_tokens})
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("BM_DecodeCacheCompute/" + label).c_str(), BM_DecodeCacheCompute, format, arithmetic)
+          ->ArgName("width")
+          ->Arg(head_dim)
+          ->Unit(benchmark::kMicrosecond);
+    }
   }
   for (const char* name : {"f32", "f16", "bf16", "fp8_e4m3", "int8", "q8_0", "q4_0", "int4/16", "int4", "int2/16", "int2"}) {
     const kqsvd::StorageFormat format = kqsvd::StorageFormat::parse(name);
@@ -242,15 +255,18 @@ const bool registered = [] {
       if (rank % format.group_size(rank) == 0) ranks.push_back(rank);
     }
     if (format.is_asymmetric() && format.group_size(16) == 16) ranks = {16};
-    benchmark::RegisterBenchmark((std::string("BM_DecodeLatent/") + name).c_str(), BM_DecodeLatent, format)
-        ->ArgNames({"tokens", "r"})
-        ->ArgsProduct({format_tokens, ranks})
-        ->UseRealTime()
-        ->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark((std::string("BM_DecodeCacheCompute/") + name).c_str(), BM_DecodeCacheCompute, format)
-        ->ArgName("width")
-        ->ArgsProduct({ranks})
-        ->Unit(benchmark::kMicrosecond);
+    for (const auto& [suffix, arithmetic] : arithmetics(format)) {
+      const std::string label = name + suffix;
+      benchmark::RegisterBenchmark(("BM_DecodeLatent/" + label).c_str(), BM_DecodeLatent, format, arithmetic)
+          ->ArgNames({"tokens", "r"})
+          ->ArgsProduct({format_tokens, ranks})
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("BM_DecodeCacheCompute/" + label).c_str(), BM_DecodeCacheCompute, format, arithmetic)
+          ->ArgName("width")
+          ->ArgsProduct({ranks})
+          ->Unit(benchmark::kMicrosecond);
+    }
   }
   return true;
 }();

@@ -473,22 +473,28 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "decode_attention",
-      [](const py::handle& query, const kqsvd::HeadCache& cache) {
+      [](const py::handle& query, const kqsvd::HeadCache& cache, const std::string& arithmetic) {
+        const kqsvd::DecodeArithmetic parsed = kqsvd::parse_decode_arithmetic(arithmetic);
         const kqsvd::RowMatrix<float> q = rows_of<float>("decode_attention", "query", query, cache.key_width());
         py::gil_scoped_release release;
-        return kqsvd::decode_attention(q, cache);
+        return kqsvd::decode_attention(q, cache, parsed);
       },
-      py::arg("query"), py::arg("cache"), "softmax(q K^T / sqrt(d)) V over a full-row cache (query: 1 x d)");
+      py::arg("query"), py::arg("cache"), py::arg("arithmetic") = "float32",
+      "softmax(q K^T / sqrt(d)) V over a full-row cache (query: 1 x d); arithmetic='int8_dot_products' "
+      "multiplies 4- and 2-bit codes in integers with an int8-quantized query and weights");
   m.def(
       "decode_attention",
       [](const Projection& key_projection, const Projection& value_projection, const py::handle& query,
-         const kqsvd::HeadCache& cache) {
+         const kqsvd::HeadCache& cache, const std::string& arithmetic) {
+        const kqsvd::DecodeArithmetic parsed = kqsvd::parse_decode_arithmetic(arithmetic);
         const kqsvd::RowMatrix<float> q = rows_of<float>("decode_attention", "query", query, key_projection.dimension());
         py::gil_scoped_release release;
-        return kqsvd::decode_attention(key_projection, value_projection, q, cache);
+        return kqsvd::decode_attention(key_projection, value_projection, q, cache, parsed);
       },
       py::arg("key_projection"), py::arg("value_projection"), py::arg("query"), py::arg("cache"),
-      "attention of one query (1 x d) over a latent cache: scores (q B)(k A)^T / sqrt(d), output decompressed");
+      py::arg("arithmetic") = "float32",
+      "attention of one query (1 x d) over a latent cache: scores (q B)(k A)^T / sqrt(d), output decompressed; "
+      "arithmetic as for full rows");
 
   py::class_<kqsvd::LossWeights>(m, "LossWeights", "Per layer and KV head, how much each projection's error costs")
       .def(py::init<const kqsvd::ModelShape&, double>(), py::arg("shape"), py::arg("weight") = 1.0)

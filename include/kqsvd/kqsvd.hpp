@@ -49,6 +49,7 @@
 #include "kqsvd/cache/heavy_hitter_cache.hpp"
 
 #include "kqsvd/kernels/attention_weights.hpp"
+#include "kqsvd/kernels/decode_arithmetic.hpp"
 #include "kqsvd/kernels/decode_attention.hpp"
 #include "kqsvd/kernels/partial_attention.hpp"
 #include "kqsvd/kernels/prefill_attention.hpp"

@@ -1,5 +1,5 @@
 # Type stubs of the kqsvd module: what editors complete and type checkers read.
-from typing import Any, Dict, List, Optional, Tuple, Union, overload
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -169,10 +169,12 @@ class HeadCache:
 
 # The attention output of one query: a vector of the head dimension.
 @overload
-def decode_attention(query: ArrayLike, cache: HeadCache) -> npt.NDArray[np.float32]: ...
+def decode_attention(query: ArrayLike, cache: HeadCache,
+                     arithmetic: Literal["float32", "int8_dot_products"] = "float32") -> npt.NDArray[np.float32]: ...
 @overload
 def decode_attention(key_projection: LowRankProjection, value_projection: LowRankProjection, query: ArrayLike,
-                     cache: HeadCache) -> npt.NDArray[np.float32]: ...
+                     cache: HeadCache,
+                     arithmetic: Literal["float32", "int8_dot_products"] = "float32") -> npt.NDArray[np.float32]: ...
 
 class LossWeights:
     def __init__(self, shape: ModelShape, weight: float = 1.0) -> None: ...

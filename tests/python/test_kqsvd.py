@@ -372,6 +372,22 @@ def test_decode_attention_on_full_rows_and_latents_equals_numpy():
         kqsvd.decode_attention(rows(1, d + 1, 15), cache)
 
 
+def test_decode_attention_with_int8_dot_products_stays_near_the_stored_rows():
+    d, n = 64, 400
+    k, v, q = rows(n, d, 21), rows(n, d, 22), rows(1, d, 23, 0.5)
+    for name in ("q4_0", "int4", "int2"):
+        cache = kqsvd.HeadCache(d, d, name)
+        cache.append(k, v)
+        on_stored = softmax_attention(q, cache.keys().astype(np.float64), cache.values().astype(np.float64))[0]
+        exact = kqsvd.decode_attention(q, cache)
+        fast = kqsvd.decode_attention(q, cache, arithmetic="int8_dot_products")
+        np.testing.assert_allclose(exact, on_stored, rtol=1e-4, atol=1e-5)
+        # int8 query and weights: each off by at most 1/254 of its group's largest magnitude.
+        assert 0 < np.abs(fast - exact).max() < 0.02 * np.abs(on_stored).max()
+    with pytest.raises(kqsvd.InvalidArgument, match="unknown decode arithmetic 'int4'"):
+        kqsvd.decode_attention(q, cache, arithmetic="int4")
+
+
 def test_torch_tensors_through_numpy():
     torch = pytest.importorskip("torch", reason="Debian's python3-torch (tools/test_python.sh installs it)")
 

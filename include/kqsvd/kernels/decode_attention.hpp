@@ -19,6 +19,7 @@
 //   kqsvd::HeadCache full(d, d, kqsvd::StorageFormat::parse("q8_0"));
 //   full.append(K, V);
 //   auto quantized = kqsvd::decode_attention(q, full);                   // a quantized full cache
+//   auto fast = kqsvd::decode_attention(q, full, kqsvd::DecodeArithmetic::int8_dot_products);  // 4/2-bit
 //
 // The query is the newest token and sees every cached row (append its own key and value first).
 #pragma once
@@ -32,6 +33,7 @@
 #include "kqsvd/cache/head_cache.hpp"
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/matrix.hpp"
+#include "kqsvd/kernels/decode_arithmetic.hpp"
 #include "kqsvd/kernels/partial_attention.hpp"
 #include "kqsvd/solvers/low_rank_projection.hpp"
 
@@ -75,21 +77,25 @@ Eigen::RowVectorXf decode_attention(const Eigen::MatrixBase<DerivedQ>& query, co
 }
 
 // Full rows stored in a HeadCache (any StorageFormat): softmax(q K^T / sqrt(d)) V. Returns 1 x d_v.
+// `arithmetic`: float32, or int8 dot products on 4- and 2-bit formats (kernels/decode_arithmetic.hpp).
 template <typename DerivedQ>
-Eigen::RowVectorXf decode_attention(const Eigen::MatrixBase<DerivedQ>& query, const HeadCache& cache) {
+Eigen::RowVectorXf decode_attention(const Eigen::MatrixBase<DerivedQ>& query, const HeadCache& cache,
+                                   DecodeArithmetic arithmetic = DecodeArithmetic::float32) {
   constexpr const char* where = "kqsvd::decode_attention";
   if (cache.empty()) detail::throw_invalid(where, "cache", "holds no tokens");
   const Eigen::Index d = cache.key_width();
   const RowMatrix<float> q = detail::checked_query(where, query, d) * detail::score_scale(d);
-  return partial_attention(q, VisibleRows::all(1, cache.size()), cache).result();
+  return partial_attention(q, VisibleRows::all(1, cache.size()), cache, arithmetic).result();
 }
 
 // Latents (post-RoPE, the paper's setting): scores (q B_k)(K A_k)^T / sqrt(d) over the key latents,
-// weights times the value latents, decompressed by B_v^T. query: 1 x d. Returns 1 x d.
+// weights times the value latents, decompressed by B_v^T. query: 1 x d. Returns 1 x d. `arithmetic` as
+// above (the mapped query q B is what is quantized).
 template <typename DerivedQ>
 Eigen::RowVectorXf decode_attention(const LowRankProjection<float>& key_projection,
                                    const LowRankProjection<float>& value_projection,
-                                   const Eigen::MatrixBase<DerivedQ>& query, const HeadCache& cache) {
+                                   const Eigen::MatrixBase<DerivedQ>& query, const HeadCache& cache,
+                                   DecodeArithmetic arithmetic = DecodeArithmetic::float32) {
   constexpr const char* where = "kqsvd::decode_attention";
   detail::require_columns(where, "key_projection", key_projection.rank(), cache.key_width(), "the cache's key width");
   detail::require_columns(where, "value_projection", value_projection.rank(), cache.value_width(),
@@ -98,7 +104,9 @@ Eigen::RowVectorXf decode_attention(const LowRankProjection<float>& key_projecti
   const Eigen::Index d = key_projection.dimension();
   const RowMatrix<float> mapped =
       (detail::checked_query(where, query, d) * key_projection.decoder()) * detail::score_scale(d);
-  return partial_attention(mapped, VisibleRows::all(1, cache.size()), cache).decompressed(value_projection).result();
+  return partial_attention(mapped, VisibleRows::all(1, cache.size()), cache, arithmetic)
+      .decompressed(value_projection)
+      .result();
 }
 
 }  // namespace kqsvd

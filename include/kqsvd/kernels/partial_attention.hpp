@@ -39,6 +39,7 @@
 #include "kqsvd/core/error.hpp"
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"
+#include "kqsvd/kernels/decode_arithmetic.hpp"
 #include "kqsvd/kernels/detail/attention_core.hpp"
 #include "kqsvd/solvers/low_rank_projection.hpp"
 
@@ -281,17 +282,18 @@ PartialAttention attend(const Keys& keys, const Values& values, const RowMatrix<
 
 // Scaled queries (m x key width, float or double) against the rows of a HeadCache: its full rows, or its
 // post-RoPE key latents (then pass q B / sqrt(d)); values stay in the cache's value space (decompressed()
-// maps latents back).
+// maps latents back). `arithmetic`: see kernels/decode_arithmetic.hpp (4- and 2-bit formats, decode).
 template <typename DerivedQ>
 PartialAttention partial_attention(const Eigen::MatrixBase<DerivedQ>& scaled_queries, const VisibleRows& visible,
-                                   const HeadCache& cache) {
+                                   const HeadCache& cache, DecodeArithmetic arithmetic = DecodeArithmetic::float32) {
   constexpr const char* where = "kqsvd::partial_attention";
   const RowMatrix<float> queries = detail::checked_queries(where, scaled_queries, cache.key_width(), "the cache's key width");
   visible.require_fits(where, queries.rows(), cache.size());
   return detail::visit_storage_kind(cache.format().kind(), [&](auto kind) {
     constexpr StorageKind K = decltype(kind)::value;
-    return detail::attend(detail::BlockedKeys<K>{cache.key_side()}, detail::BlockedValues<K>{cache.value_side()},
-                          queries, visible);
+    const bool integer = arithmetic == DecodeArithmetic::int8_dot_products;
+    return detail::attend(detail::BlockedKeys<K>{cache.key_side(), integer},
+                          detail::BlockedValues<K>{cache.value_side(), integer}, queries, visible);
   });
 }
 

@@ -20,6 +20,8 @@
 //           the block's scores with vertical multiply-adds, so that no tile is ever expanded to float;
 //   tiles   many queries (prefill), each with its own row range: a tile is expanded to float once and
 //           used by a 64-query block as matrix products.
+// On 4- and 2-bit codes the decode strategy can instead quantize the query and the weights to int8 and
+// multiply in integers (DecodeArithmetic::int8_dot_products; the section "Integer dot products").
 #pragma once
 
 #include <Eigen/Core>
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -335,6 +338,10 @@ inline constexpr bool scaled_kind(StorageKind kind) {
          kind == StorageKind::int4 || kind == StorageKind::int2;
 }
 
+// 4- and 2-bit codes: two or four tokens in a byte.
+template <StorageKind Kind>
+inline constexpr bool packed_kind = Kind == StorageKind::q4_0 || Kind == StorageKind::int4 || Kind == StorageKind::int2;
+
 // The float scale and offset of group g of a block, per token: an element is scale * code + offset
 // (formats without an offset leave `offset` alone).
 template <StorageKind Kind>
@@ -397,9 +404,6 @@ inline void load_packed_codes(const std::uint8_t* run, Index k, __m256* codes) {
   }
 }
 
-template <StorageKind Kind>
-inline constexpr bool packed_kind = Kind == StorageKind::q4_0 || Kind == StorageKind::int4 || Kind == StorageKind::int2;
-
 // Sixteen fp8 codes of a run, tokens [16k, 16k + 16), as two vectors of 8 floats: each code is moved
 // into the high byte of a 16-bit lane by one unpack, which for E5M2 already is the float16 pattern and
 // for E4M3 becomes it after an arithmetic shift (sign into bits 15 and 14) and clearing bit 14: the value
@@ -420,12 +424,14 @@ inline void load_fp8_codes16(const std::uint8_t* run, Index k, __m256* codes) {
 template <StorageKind Kind>
 inline void score_elements(const std::uint8_t* block, const BlockLayout& layout, const float* query, Index first,
                            Index last, float* raw) {
+  // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
+  const std::uint8_t* runs = block + layout.run_offset(first);
   // Eight accumulators cover 64 tokens: two passes over the elements, their runs still in L1.
   for (Index half = 0; half < 2; ++half) {
     __m256 acc[8];
     for (__m256& a : acc) a = _mm256_setzero_ps();
     for (Index j = first; j < last; ++j) {
-      const std::uint8_t* run = block + layout.run_offset(j);
+      const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
       const __m256 q = _mm256_set1_ps(query[j] * load_scale<Kind>);
       if constexpr (packed_kind<Kind>) {
         // Pass `half` reads 64 / fields bytes: 4-bit, bytes [32 half, 32 half + 32) hold tokens
@@ -465,8 +471,10 @@ inline void score_elements(const std::uint8_t* block, const BlockLayout& layout,
 template <StorageKind Kind>
 inline void accumulate_elements(const std::uint8_t* block, const BlockLayout& layout, const float* weights, Index first,
                                 Index last, float* acc) {
+  // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
+  const std::uint8_t* runs = block + layout.run_offset(first);
   for (Index j = first; j < last; ++j) {
-    const std::uint8_t* run = block + layout.run_offset(j);
+    const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
     __m256 partial[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     if constexpr (packed_kind<Kind>) {
       constexpr int fields = fields_per_byte<Kind>;
@@ -499,6 +507,201 @@ inline void accumulate_elements(const std::uint8_t* block, const BlockLayout& la
 }
 #endif
 
+// ------------------------------------------------------------------------------------------------
+// Integer dot products for 4- and 2-bit codes (DecodeArithmetic::int8_dot_products)
+//
+// The float path converts every code to float before its multiply-add, so a 4- or 2-bit cache is bound
+// by that conversion, not by its bytes (bench/README.md). Here the float operand is quantized to int8
+// instead and the codes are multiplied in integers, 32 at a time (AVX2: _mm256_maddubs_epi16, as in
+// llama.cpp's q4_0 x q8_0 dot products):
+//   keys    per scale group g of the query's elements: d = max|q_e| / 127, q8_e = round(q_e * (127 /
+//           max|q_e|)); the group adds scale_t * d * sum_e q8_e c_e(t) + offset_t * d * sum_e q8_e to the
+//           score of token t: the dot product of the quantized query with the stored key;
+//   values  per block of 128 tokens and group: w_t = p_t * scale_t, d = max|w_t| / 127, w8_t = round(w_t *
+//           (127 / max|w_t|)); acc_e += d * sum_t w8_t c_e(t) + sum_t p_t offset_t (that term in float).
+// round is to nearest, ties to even (the default rounding mode); an operand group whose largest
+// magnitude is below integer_operand_floor (2^-119) counts as zero. Integer sums are exact: the
+// portable path computes the same integers as the AVX2 one.
+
+// Below this largest magnitude 127 / max would overflow float: the operand is treated as zero.
+inline constexpr float integer_operand_floor = std::numeric_limits<float>::min() * 128.0f;
+
+// x (count floats) as int8 codes with x_i ~ d * codes_i; returns d, or 0 (codes all 0) for a zero group.
+inline float quantize_to_int8(const float* x, Index count, std::int8_t* codes) {
+  // Vectorized (a scalar running maximum was a chain of dependent instructions); a maximum is exact in
+  // any order.
+  const float largest = Eigen::Map<const Eigen::ArrayXf>(x, count).abs().maxCoeff();
+  if (!(largest >= integer_operand_floor)) {
+    std::fill(codes, codes + count, std::int8_t{0});
+    return 0.0f;
+  }
+  const float inverse = 127.0f / largest;
+  Index i = 0;
+#ifdef __AVX2__
+  // cvtps rounds by the current mode, as nearbyint does: the same codes as the loop below.
+  for (; i + 32 <= count; i += 32) {
+    __m256i words[4];
+    for (int k = 0; k < 4; ++k) words[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), _mm256_set1_ps(inverse)));
+    // The packs interleave 128-bit lanes; the permutation puts the 32 codes back in order.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(words[0], words[1]), _mm256_packs_epi32(words[2], words[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+#endif
+  for (; i < count; ++i) codes[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(x[i] * inverse), -127.0f, 127.0f));
+  return largest / 127.0f;
+}
+
+// Code of token t in a run of 4- or 2-bit codes (the layout store_token writes).
+template <StorageKind Kind>
+inline int packed_code(const std::uint8_t* run, Index t) {
+  if constexpr (Kind == StorageKind::int2) {
+    return (run[t % 32] >> (2 * (t / 32))) & 0x03;
+  } else {
+    return t < 64 ? run[t] & 0x0f : run[t - 64] >> 4;
+  }
+}
+
+#ifdef __AVX2__
+// Tokens [32 v, 32 v + 32) of half `half` of a run as bytes: 4-bit, bytes [32 half, 32 half + 32) hold
+// tokens 32 half + i (low nibble, v = 0) and 64 + 32 half + i (high, v = 1); 2-bit, the run's 32 bytes
+// hold tokens 64 half + i (bits 4 half, v = 0) and 64 half + 32 + i (bits 4 half + 2, v = 1).
+template <StorageKind Kind>
+inline void load_packed_bytes(const std::uint8_t* run, Index half, __m256i* codes) {
+  if constexpr (Kind == StorageKind::int2) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run));
+    const __m256i mask = _mm256_set1_epi8(0x03);
+    const __m128i low = _mm_cvtsi32_si128(static_cast<int>(4 * half)), high = _mm_cvtsi32_si128(static_cast<int>(4 * half + 2));
+    codes[0] = _mm256_and_si256(_mm256_srl_epi16(bytes, low), mask);
+    codes[1] = _mm256_and_si256(_mm256_srl_epi16(bytes, high), mask);
+  } else {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 32 * half));
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    codes[0] = _mm256_and_si256(bytes, mask);
+    codes[1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  }
+}
+#endif
+
+// raw[t] = sum over elements j in [first, last) of q8[j - first] * code_j(t), for the block's tokens t.
+template <StorageKind Kind>
+inline void integer_scores(const std::uint8_t* block, const BlockLayout& layout, const std::int8_t* q8, Index first,
+                           Index last, std::int32_t* raw) {
+  // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
+  const std::uint8_t* runs = block + layout.run_offset(first);
+#ifdef __AVX2__
+  // Elements go in pairs: their codes interleaved byte by byte, one maddubs gives per token
+  // c_j(t) q8_j + c_j+1(t) q8_j+1 in 16 bits, at most 2 * 15 * 127 (4-bit) or 2 * 3 * 127 (2-bit); the
+  // 16-bit sums take this many pairs before they are widened into 32-bit ones.
+  constexpr int pairs_per_widening = Kind == StorageKind::int2 ? 32 : 8;
+  for (Index half = 0; half < 2; ++half) {
+    const Index base[2] = {Kind == StorageKind::int2 ? 64 * half : 32 * half,
+                           Kind == StorageKind::int2 ? 64 * half + 32 : 64 + 32 * half};
+    // sums32[4 v + 2 p + h]: tokens base[v] + 16 p + 8 h + [0, 8) (unpacklo gives h = 0, unpackhi h = 1;
+    // p the 128-bit lane).
+    __m256i sums32[8], sums16[4];
+    for (__m256i& s : sums32) s = _mm256_setzero_si256();
+    for (__m256i& s : sums16) s = _mm256_setzero_si256();
+    const auto widen = [&] {
+      for (int v = 0; v < 2; ++v) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i s = sums16[2 * v + h];
+          sums32[4 * v + h] = _mm256_add_epi32(sums32[4 * v + h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s)));
+          sums32[4 * v + 2 + h] = _mm256_add_epi32(sums32[4 * v + 2 + h], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1)));
+          sums16[2 * v + h] = _mm256_setzero_si256();
+        }
+      }
+    };
+    int pending = 0;
+    for (Index j = first; j < last; j += 2) {
+      const bool pair = j + 1 < last;
+      __m256i a[2], b[2];
+      load_packed_bytes<Kind>(runs + (j - first) * layout.run_bytes, half, a);
+      // An odd last element is paired with itself at weight zero.
+      load_packed_bytes<Kind>(runs + ((pair ? j + 1 : j) - first) * layout.run_bytes, half, b);
+      // Byte 2i of every 16-bit lane weighs element j, byte 2i + 1 element j + 1: on x86 (little-endian)
+      // the two codes as they lie in memory.
+      std::int16_t weight_pair = 0;
+      if (pair) {
+        std::memcpy(&weight_pair, q8 + (j - first), 2);
+      } else {
+        weight_pair = static_cast<std::uint8_t>(q8[j - first]);
+      }
+      const __m256i weights = _mm256_set1_epi16(weight_pair);
+      for (int v = 0; v < 2; ++v) {
+        sums16[2 * v] = _mm256_add_epi16(sums16[2 * v], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a[v], b[v]), weights));
+        sums16[2 * v + 1] = _mm256_add_epi16(sums16[2 * v + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a[v], b[v]), weights));
+      }
+      if (++pending == pairs_per_widening) {
+        widen();
+        pending = 0;
+      }
+    }
+    widen();
+    for (int v = 0; v < 2; ++v) {
+      for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + base[v] + 8 * k), sums32[4 * v + k]);
+    }
+  }
+#else
+  std::fill(raw, raw + block_rows, 0);
+  for (Index j = first; j < last; ++j) {
+    const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+    const int weight = q8[j - first];
+    for (Index t = 0; t < block_rows; ++t) raw[t] += weight * packed_code<Kind>(run, t);
+  }
+#endif
+}
+
+// sums[j - first] = sum over the block's tokens t of w8[t] * code_j(t), for elements j in [first, last).
+template <StorageKind Kind>
+inline void integer_sums(const std::uint8_t* block, const BlockLayout& layout, const std::int8_t* w8, Index first,
+                         Index last, std::int32_t* sums) {
+  // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
+  const std::uint8_t* runs = block + layout.run_offset(first);
+#ifdef __AVX2__
+  __m256i weights[4];
+  for (int k = 0; k < 4; ++k) weights[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8 + 32 * k));
+  // Per element, 8 32-bit partial sums: four maddubs of 32 tokens (each 16-bit lane at most 2 * 15 *
+  // 127, four of them 15240, inside int16), widened in pairs by madd with ones.
+  const auto partial = [&](Index j) {
+    const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+    __m256i low[2], high[2];
+    load_packed_bytes<Kind>(run, 0, low);
+    load_packed_bytes<Kind>(run, 1, high);
+    // Token order: 4-bit low = tokens [0, 32) and [64, 96), high = [32, 64) and [96, 128); 2-bit low =
+    // [0, 32) and [32, 64), high = [64, 96) and [96, 128).
+    const int order[4] = {0, Kind == StorageKind::int2 ? 1 : 2, Kind == StorageKind::int2 ? 2 : 1, 3};
+    const __m256i s = _mm256_add_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(low[0], weights[order[0]]), _mm256_maddubs_epi16(low[1], weights[order[1]])),
+        _mm256_add_epi16(_mm256_maddubs_epi16(high[0], weights[order[2]]), _mm256_maddubs_epi16(high[1], weights[order[3]])));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+  };
+  Index j = first;
+  for (; j + 8 <= last; j += 8) {
+    __m256i e[8];
+    for (int i = 0; i < 8; ++i) e[i] = partial(j + i);
+    // Horizontal adds within 128-bit lanes, then the two lanes: the 8 elements' totals in order.
+    const __m256i x = _mm256_hadd_epi32(_mm256_hadd_epi32(e[0], e[1]), _mm256_hadd_epi32(e[2], e[3]));
+    const __m256i y = _mm256_hadd_epi32(_mm256_hadd_epi32(e[4], e[5]), _mm256_hadd_epi32(e[6], e[7]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + (j - first)),
+                        _mm256_add_epi32(_mm256_permute2x128_si256(x, y, 0x20), _mm256_permute2x128_si256(x, y, 0x31)));
+  }
+  for (; j < last; ++j) {
+    const __m256i p = partial(j);
+    const __m128i four = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    const __m128i two = _mm_add_epi32(four, _mm_unpackhi_epi64(four, four));
+    sums[j - first] = _mm_cvtsi128_si32(_mm_add_epi32(two, _mm_shuffle_epi32(two, 1)));
+  }
+#else
+  for (Index j = first; j < last; ++j) {
+    const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+    std::int32_t sum = 0;
+    for (Index t = 0; t < block_rows; ++t) sum += w8[t] * packed_code<Kind>(run, t);
+    sums[j - first] = sum;
+  }
+#endif
+}
+
 // Elements converted at a time in the decode strategy: 32 runs of a block are 16 KiB of float, so that
 // the chunk, the scores and the weights stay in a 32 KiB L1 data cache.
 inline constexpr Index chunk_elements = 32;
@@ -510,6 +713,21 @@ struct BlockScratch {
   alignas(64) float scale[block_rows];
   alignas(64) float offset[block_rows];
   Eigen::MatrixXf raw;  // block_rows x queries
+  // Integer dot products: the queries as int8 codes (m x width) with per query and group the step and
+  // the codes' sum, set by BlockedKeys::prepare for the call; the weights of a group as int8 codes; a
+  // group's integer sums.
+  std::vector<std::int8_t> query_codes;
+  std::vector<float> query_steps;
+  std::vector<std::int32_t> query_code_sums;
+  std::vector<std::int8_t> operand_codes;
+  std::vector<std::int32_t> integer_results;
+
+  void reserve_integer(Index count) {
+    if (static_cast<Index>(operand_codes.size()) < count) {
+      operand_codes.resize(static_cast<std::size_t>(count));
+      integer_results.resize(static_cast<std::size_t>(count));
+    }
+  }
 };
 
 // Runs [first, first + count) of a block as float codes, column-major (block_rows x count): the values
@@ -554,6 +772,8 @@ struct BlockedKeys {
   static constexpr Index tile_rows = block_rows;
   static constexpr bool decodes = true;
   BlockedSide side;
+  // Decode strategy on 4- and 2-bit codes: integer dot products with the query quantized to int8.
+  bool integer_dot_products = false;
 
   Index width() const { return side.layout.width; }
   Index size() const { return side.rows; }
@@ -561,7 +781,11 @@ struct BlockedKeys {
   // Decode strategy: scores of `queries` (m x width) against block first / block_rows, all of its
   // block_rows lanes (the caller masks the rows it does not use); `scores` holds block_rows per query.
   // A chunk of runs is converted once and multiplied by every query: vertical multiply-adds.
-  void score(Index first, Index /*count*/, const RowMatrix<float>& queries, float* scores, BlockScratch& scratch) const {
+  void score(Index first, Index count, const RowMatrix<float>& queries, float* scores, BlockScratch& scratch) const {
+    if constexpr (packed_kind<Kind>) {
+      if (integer_dot_products) return integer_score(first, queries, scores, scratch);
+    }
+    static_cast<void>(count);
     const std::uint8_t* block = side.block(first / block_rows);
     const BlockLayout& layout = side.layout;
     const Index m = queries.rows();
@@ -605,6 +829,47 @@ struct BlockedKeys {
     }
   }
 
+  // Before the decode strategy's first block: with integer dot products, the queries quantized once for
+  // every block of the call.
+  void prepare(const RowMatrix<float>& queries, BlockScratch& scratch) const {
+    if (!packed_kind<Kind> || !integer_dot_products) return;
+    const Index m = queries.rows(), width = side.layout.width, group = side.layout.group, groups = side.layout.groups();
+    scratch.query_codes.resize(static_cast<std::size_t>(m * width));
+    scratch.query_steps.resize(static_cast<std::size_t>(m * groups));
+    scratch.query_code_sums.resize(static_cast<std::size_t>(m * groups));
+    for (Index q = 0; q < m; ++q) {
+      for (Index g = 0; g < groups; ++g) {
+        std::int8_t* codes = scratch.query_codes.data() + q * width + g * group;
+        const auto at = static_cast<std::size_t>(q * groups + g);
+        scratch.query_steps[at] = quantize_to_int8(&queries(q, g * group), group, codes);
+        scratch.query_code_sums[at] = std::accumulate(codes, codes + group, std::int32_t{0});
+      }
+    }
+  }
+
+  // score() with integer dot products (see integer_scores), one query at a time.
+  void integer_score(Index first, const RowMatrix<float>& queries, float* scores, BlockScratch& scratch) const {
+    const std::uint8_t* block = side.block(first / block_rows);
+    const BlockLayout& layout = side.layout;
+    const Index group = layout.group, groups = layout.groups(), m = queries.rows();
+    scratch.reserve_integer(block_rows);
+    std::int32_t* raw = scratch.integer_results.data();
+    Eigen::Map<Eigen::MatrixXf>(scores, block_rows, m).setZero();
+    for (Index g = 0; g < groups; ++g) {
+      group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
+      for (Index q = 0; q < m; ++q) {
+        const auto at = static_cast<std::size_t>(q * groups + g);
+        const float step = scratch.query_steps[at];
+        if (step == 0.0f) continue;
+        integer_scores<Kind>(block, layout, scratch.query_codes.data() + q * layout.width + g * group, g * group,
+                             (g + 1) * group, raw);
+        LaneMap{scores + q * block_rows} +=
+            ConstLaneMap(scratch.scale) * (step * Eigen::Map<const Eigen::Array<std::int32_t, block_rows, 1>>(raw).cast<float>()) +
+            ConstLaneMap(scratch.offset) * (step * static_cast<float>(scratch.query_code_sums[at]));
+      }
+    }
+  }
+
   // Tile strategy: the block expanded to float, column-major (block_rows x width).
   StridedFloatColumns tile(Index first, Index count, float* buffer) const {
     expand_block<Kind>(side, first / block_rows, buffer);
@@ -619,6 +884,8 @@ template <StorageKind Kind>
 struct BlockedValues {
   static constexpr Index tile_rows = block_rows;
   BlockedSide side;
+  // Decode strategy on 4- and 2-bit codes: integer dot products with the weights quantized to int8.
+  bool integer_dot_products = false;
 
   Index width() const { return side.layout.width; }
 
@@ -627,6 +894,9 @@ struct BlockedValues {
   // dot products interleaved, their reductions overlapping), with the group's scales folded into the
   // weights.
   void accumulate(Index first, Index /*count*/, const float* weights, RowMatrix<float>& acc, BlockScratch& scratch) const {
+    if constexpr (packed_kind<Kind>) {
+      if (integer_dot_products) return integer_accumulate(first, weights, acc, scratch);
+    }
     const std::uint8_t* block = side.block(first / block_rows);
     const BlockLayout& layout = side.layout;
     const Index m = acc.rows();
@@ -658,6 +928,30 @@ struct BlockedValues {
         } else {
           acc.middleCols(first_element, count).noalias() += scaled_weights.transpose() * codes;
         }
+      }
+    }
+  }
+
+  // accumulate() with integer dot products (see integer_sums), one query at a time.
+  void integer_accumulate(Index first, const float* weights, RowMatrix<float>& acc, BlockScratch& scratch) const {
+    const std::uint8_t* block = side.block(first / block_rows);
+    const BlockLayout& layout = side.layout;
+    const Index group = layout.group;
+    scratch.reserve_integer(std::max(group, block_rows));
+    alignas(64) float scaled[block_rows];
+    std::int8_t* weight_codes = scratch.operand_codes.data();
+    std::int32_t* sums = scratch.integer_results.data();
+    for (Index g = 0; g < layout.groups(); ++g) {
+      group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
+      for (Index q = 0; q < acc.rows(); ++q) {
+        const ConstLaneMap query_weights(weights + q * block_rows);
+        auto target = acc.row(q).segment(g * group, group).array();
+        target += (query_weights * ConstLaneMap(scratch.offset)).sum();
+        LaneMap{scaled} = query_weights * ConstLaneMap(scratch.scale);
+        const float step = quantize_to_int8(scaled, block_rows, weight_codes);
+        if (step == 0.0f) continue;
+        integer_sums<Kind>(block, layout, weight_codes, g * group, (g + 1) * group, sums);
+        target += step * Eigen::Map<const Eigen::Array<std::int32_t, 1, Eigen::Dynamic>>(sums, group).cast<float>();
       }
     }
   }
@@ -720,6 +1014,7 @@ void attend_decode(const Keys& keys, const Values& values, const RowMatrix<float
   constexpr Index tile = Keys::tile_rows;
   static_assert(Keys::tile_rows == Values::tile_rows, "keys and values are read in the same tiles");
   const Index m = queries.rows();
+  if constexpr (Keys::tile_rows == block_rows) keys.prepare(queries, scratch.block);
   for (Index first = begin / tile * tile; first < end; first += tile) {
     const Index count = std::min(tile, keys.size() - first);
     float* scores = scratch.scores.data();

@@ -1,0 +1,44 @@
+// kqsvd/kernels/decode_arithmetic.hpp -- how a decode step multiplies the codes of a 4- or 2-bit cache.
+//
+// A decode step on a HeadCache in q4_0, int4/B or int2/B reads few bytes per token, so converting every
+// code to float before its multiply-add, not memory, bounds its speed (bench/README.md). The choice:
+//
+//   float32             (the default) every code converted to float, float multiply-adds: the exact
+//                       attention of the stored rows, to float rounding.
+//   int8_dot_products   the float operand quantized to int8 and multiplied with the codes in integers,
+//                       32 codes per instruction (what llama.cpp does with its q8_0 activations):
+//                       keys    per scale group of the query's elements, q8 = round(127 q / max|q|) and
+//                               d = max|q| / 127: the scores are those of the quantized query d q8;
+//                       values  per block of 128 tokens and scale group, the softmax weights times the
+//                               tokens' scales, quantized the same way (offsets stay in float).
+//                       Each operand is off by at most half of 1/127 of its group's largest magnitude.
+//
+// It applies to the decode strategy (up to 16 queries sharing their rows, kernels/partial_attention.hpp)
+// on q4_0, int4 and int2 caches; other formats, and prefill, always compute in float.
+//
+//   auto exact = kqsvd::decode_attention(q, cache);
+//   auto fast = kqsvd::decode_attention(q, cache, kqsvd::DecodeArithmetic::int8_dot_products);
+//   kqsvd::parse_decode_arithmetic("int8_dot_products");   // from a name, e.g. a command-line option
+#pragma once
+
+#include <string>
+
+#include "kqsvd/core/error.hpp"
+
+namespace kqsvd {
+
+enum class DecodeArithmetic { float32, int8_dot_products };
+
+inline const char* to_string(DecodeArithmetic arithmetic) {
+  return arithmetic == DecodeArithmetic::float32 ? "float32" : "int8_dot_products";
+}
+
+// "float32" or "int8_dot_products" (the names to_string gives); anything else is an InvalidArgument.
+inline DecodeArithmetic parse_decode_arithmetic(const std::string& name) {
+  if (name == "float32") return DecodeArithmetic::float32;
+  if (name == "int8_dot_products") return DecodeArithmetic::int8_dot_products;
+  throw InvalidArgument("kqsvd::parse_decode_arithmetic: unknown decode arithmetic '" + name +
+                        "' (expected float32 or int8_dot_products)");
+}
+
+}  // namespace kqsvd
