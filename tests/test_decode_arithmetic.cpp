@@ -210,24 +210,10 @@ TEST(IntegerDotProducts, KernelsEqualSumsOfTheStoredCodesOnRandomRows) {
 
 const std::string activations = std::string(KQSVD_DATA_DIR) + "/activations/tinyllama-h64/calib.safetensors";
 
-// Keys, values and the group's queries of one KV head, every sequence stacked.
-struct RealHead {
-  RowMatrix<float> keys, values, queries;
-};
+using RealHead = kqsvd::test::StackedHead<RowMatrix<float>>;
 
 RealHead real_head(Index layer, Index kv_head) {
-  const kqsvd::io::ActivationFile file(activations);
-  RealHead head;
-  const Index t = file.tokens(), d = file.shape().head_dim, g = file.shape().group_size();
-  head.keys.resize(file.batch() * t, d);
-  head.values.resize(file.batch() * t, d);
-  head.queries.resize(file.batch() * g * t, d);
-  for (Index b = 0; b < file.batch(); ++b) {
-    head.keys.middleRows(b * t, t) = file.keys(layer, b, kv_head).cast<float>();
-    head.values.middleRows(b * t, t) = file.values(layer, b, kv_head).cast<float>();
-    head.queries.middleRows(b * g * t, g * t) = file.group_queries(layer, b, kv_head).cast<float>();
-  }
-  return head;
+  return kqsvd::test::stacked_head<RowMatrix<float>>(kqsvd::io::ActivationFile(activations), layer, kv_head);
 }
 
 TEST(IntegerDotProducts, KernelsEqualSumsOfTheStoredCodesOnRealKeysAndValues) {

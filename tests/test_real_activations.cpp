@@ -24,25 +24,16 @@ using Eigen::VectorXd;
 
 const std::string data_directory = std::string(KQSVD_DATA_DIR) + "/activations/stories260K/";
 
-// One KV head's activations, all sequences of a file stacked along tokens: the matrices whose
-// products the calibration Grams describe.
-struct HeadData {
-  MatrixXd keys, values, queries;  // queries: every query head of the group, every sequence
-  MatrixXd output_slices;          // (g * hidden) x d: the group's o_proj slices W_j stacked
+// One KV head's stacked activations and the group's output projection slices.
+struct HeadData : kqsvd::test::StackedHead<MatrixXd> {
+  MatrixXd output_slices;  // (g * hidden) x d: the group's o_proj slices W_j stacked
 };
 
 HeadData stack(const ActivationFile& file, Index layer, Index kv_head) {
   const auto& shape = file.shape();
-  const Index t = file.tokens(), d = shape.head_dim, g = shape.group_size();
+  const Index d = shape.head_dim, g = shape.group_size();
   HeadData x;
-  x.keys.resize(file.batch() * t, d);
-  x.values.resize(file.batch() * t, d);
-  x.queries.resize(file.batch() * g * t, d);
-  for (Index b = 0; b < file.batch(); ++b) {
-    x.keys.middleRows(b * t, t) = file.keys(layer, b, kv_head).cast<double>();
-    x.values.middleRows(b * t, t) = file.values(layer, b, kv_head).cast<double>();
-    x.queries.middleRows(b * g * t, g * t) = file.group_queries(layer, b, kv_head).cast<double>();
-  }
+  static_cast<kqsvd::test::StackedHead<MatrixXd>&>(x) = kqsvd::test::stacked_head<MatrixXd>(file, layer, kv_head);
   const MatrixXd weight = file.output_weight(layer).cast<double>();
   x.output_slices.resize(g * weight.rows(), d);
   for (Index j = 0; j < g; ++j) {

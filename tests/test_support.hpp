@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "kqsvd/io/activation_file.hpp"
 #include "kqsvd/solvers/low_rank_projection.hpp"
 
 #ifdef _OPENMP
@@ -25,6 +26,29 @@ using Eigen::Index;
 
 // A file of the repository's data/ folder (models, text, captured activations).
 inline std::string repository_data(const std::string& relative) { return std::string(KQSVD_DATA_DIR) + "/" + relative; }
+
+// One KV head's captured activations, every sequence of the file stacked along tokens (rows): the
+// matrices whose products the calibration Grams describe. queries: every query head of the group.
+template <typename Matrix>
+struct StackedHead {
+  Matrix keys, values, queries;
+};
+
+template <typename Matrix>
+StackedHead<Matrix> stacked_head(const kqsvd::io::ActivationFile& file, Index layer, Index kv_head) {
+  using Scalar = typename Matrix::Scalar;
+  const Index t = file.tokens(), d = file.shape().head_dim, g = file.shape().group_size();
+  StackedHead<Matrix> head;
+  head.keys.resize(file.batch() * t, d);
+  head.values.resize(file.batch() * t, d);
+  head.queries.resize(file.batch() * g * t, d);
+  for (Index b = 0; b < file.batch(); ++b) {
+    head.keys.middleRows(b * t, t) = file.keys(layer, b, kv_head).template cast<Scalar>();
+    head.values.middleRows(b * t, t) = file.values(layer, b, kv_head).template cast<Scalar>();
+    head.queries.middleRows(b * g * t, g * t) = file.group_queries(layer, b, kv_head).template cast<Scalar>();
+  }
+  return head;
+}
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
 
