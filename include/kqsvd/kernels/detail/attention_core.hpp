@@ -830,7 +830,7 @@ struct BlockedKeys {
   }
 
   // Before the decode strategy's first block: with integer dot products, the queries quantized once for
-  // every block of the call.
+  // every block of the task (one per 2048 tokens: m <= 16 rows of d, small next to the task's blocks).
   void prepare(const RowMatrix<float>& queries, BlockScratch& scratch) const {
     if (!packed_kind<Kind> || !integer_dot_products) return;
     const Index m = queries.rows(), width = side.layout.width, group = side.layout.group, groups = side.layout.groups();
