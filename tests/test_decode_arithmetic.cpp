@@ -28,7 +28,17 @@ using kqsvd::StorageFormat;
 using kqsvd::StorageKind;
 using kqsvd::test::gaussian;
 
-const char* const packed_formats[] = {"q4_0", "int4", "int4/64", "int4/8", "int2", "int2/16"};
+const char* const packed_formats[] = {"q4_0", "int4", "int4/64", "int4/8", "int4/12", "int2", "int2/16", "int2/4"};
+
+// The packed formats whose groups divide `width`.
+std::vector<StorageFormat> formats_for(Index width) {
+  std::vector<StorageFormat> out;
+  for (const char* name : packed_formats) {
+    const StorageFormat format = StorageFormat::parse(name);
+    if (width % format.group_size(width) == 0) out.push_back(format);
+  }
+  return out;
+}
 
 // A row as its format stores it, read from the canonical bytes: per element its code, per element the
 // scale and offset of its group (x = scale * code + offset).
@@ -196,12 +206,10 @@ TEST(IntegerDotProducts, KernelsEqualSumsOfTheStoredCodesOnRandomRows) {
       const RowMatrix<float> rows = (gaussian(n, width, 3 + static_cast<unsigned>(n)) * 2.0).cast<float>();
       RowMatrix<float> queries = gaussian(3, width, 5).cast<float>();
       queries.row(1).head(8).setZero();  // a group with zeros
-      queries.row(2).head(width / 2).setZero();  // whole groups of zeros (every format's group divides 16)
+      queries.row(2).head(width / 2).setZero();  // whole groups of zeros for the groups that divide width / 2
       queries(0, 1) = 40.0f;  // an outlier: the other elements of its group get few levels
-      for (const char* name : packed_formats) {
-        const StorageFormat format = StorageFormat::parse(name);
-        if (width % format.group_size(width) != 0) continue;
-        SCOPED_TRACE(std::string(name) + ", width " + std::to_string(width) + ", n = " + std::to_string(n));
+      for (const StorageFormat& format : formats_for(width)) {
+        SCOPED_TRACE(format.name() + ", width " + std::to_string(width) + ", n = " + std::to_string(n));
         check_integer_kernels(format, rows, queries, 7);
       }
     }
@@ -219,12 +227,17 @@ RealHead real_head(Index layer, Index kv_head) {
 TEST(IntegerDotProducts, KernelsEqualSumsOfTheStoredCodesOnRealKeysAndValues) {
   const RealHead head = real_head(3, 1);
   const RowMatrix<float> queries = head.queries.middleRows(100, 2) / 8.0f;  // scaled by 1 / sqrt(64)
-  for (const char* name : packed_formats) {
-    SCOPED_TRACE(name);
-    check_integer_kernels(StorageFormat::parse(name), head.keys, queries, 11);
-    check_integer_kernels(StorageFormat::parse(name), head.values, queries, 13);
+  for (const StorageFormat& format : formats_for(head.keys.cols())) {
+    SCOPED_TRACE(format.name());
+    check_integer_kernels(format, head.keys, queries, 11);
+    check_integer_kernels(format, head.values, queries, 13);
   }
 }
+
+#ifdef KQSVD_TEST_EXPECTS_AVX512_KERNELS
+// tests/CMakeLists.txt builds this file a second time with AVX-512 VNNI: its kernels must be the ones run.
+TEST(IntegerDotProducts, TheAvx512KernelsAreTheOnesTested) { EXPECT_TRUE(kqsvd::detail::integer_kernels_avx512); }
+#endif
 
 // ---- through the public API: within the bound of the int8 quantization ----------------------------
 
@@ -300,13 +313,13 @@ TEST(IntegerDotProducts, FullCacheAttentionWithinTheQuantizationBound) {
   for (Index n : {1, 130, 2048 + 300}) {
     const RowMatrix<float> keys = gaussian(n, 64, 21).cast<float>(), values = gaussian(n, 64, 22).cast<float>();
     const Eigen::RowVectorXf query = (gaussian(1, 64, 23) * 3.0).cast<float>();
-    for (const char* name : packed_formats) check_public_api(StorageFormat::parse(name), keys, values, query, "n = " + std::to_string(n));
+    for (const StorageFormat& format : formats_for(64)) check_public_api(format, keys, values, query, "n = " + std::to_string(n));
   }
   const RealHead head = real_head(2, 0);
   for (Index at : {127, 383}) {
     const Eigen::RowVectorXf query = head.queries.row(at);
-    for (const char* name : packed_formats) {
-      check_public_api(StorageFormat::parse(name), head.keys.topRows(at % 128 + 1 + 256 * (at / 256)),
+    for (const StorageFormat& format : formats_for(64)) {
+      check_public_api(format, head.keys.topRows(at % 128 + 1 + 256 * (at / 256)),
                        head.values.topRows(at % 128 + 1 + 256 * (at / 256)), query, "real, query " + std::to_string(at));
     }
   }
@@ -325,10 +338,8 @@ TEST(IntegerDotProducts, LatentAttentionWithinTheQuantizationBoundAndPrefillUnch
   const RowMatrix<float> key_latents = key_projection.compress(head.keys);
   const RowMatrix<float> value_latents = value_projection.compress(head.values);
   const Eigen::RowVectorXf query = head.queries.row(300);
-  for (const char* name : packed_formats) {
-    const StorageFormat format = StorageFormat::parse(name);
-    if (32 % format.group_size(32) != 0) continue;
-    SCOPED_TRACE(name);
+  for (const StorageFormat& format : formats_for(32)) {
+    SCOPED_TRACE(format.name());
     kqsvd::HeadCache cache(key_projection, value_projection, format);
     cache.append(key_projection, value_projection, head.keys, head.values);
     // Latent attention is full-row attention of the mapped query q B over the latents, times B_v^T.

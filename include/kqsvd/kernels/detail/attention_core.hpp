@@ -43,7 +43,7 @@
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"
 
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -354,7 +354,7 @@ void group_scale(const std::uint8_t* block, const BlockLayout& layout, Index g, 
   }
 }
 
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // The decode strategy for one query, with AVX2 and FMA: codes are converted in registers, eight or more
 // tokens at a time, and multiplied in the same step -- never stored as floats and read again (measured: 1.5-3x
 // fewer instructions per element than converting a chunk first; bench/README.md). Only with AVX2: the
@@ -513,7 +513,7 @@ inline void accumulate_elements(const std::uint8_t* block, const BlockLayout& la
 // The float path converts every code to float before its multiply-add, so a 4- or 2-bit cache is bound
 // by that conversion, not by its bytes (bench/README.md). Here the float operand is quantized to int8
 // instead and the codes are multiplied in integers, 32 at a time (AVX2: _mm256_maddubs_epi16, as in
-// llama.cpp's q4_0 x q8_0 dot products):
+// llama.cpp's q4_0 x q8_0 dot products; with AVX-512 BW + VNNI, _mm512_dpbusd_epi32, 64 at a time):
 //   keys    per scale group g of the query's elements: d = max|q_e| / 127, q8_e = round(q_e * (127 /
 //           max|q_e|)); the group adds scale_t * d * sum_e q8_e c_e(t) + offset_t * d * sum_e q8_e to the
 //           score of token t: the dot product of the quantized query with the stored key;
@@ -583,13 +583,139 @@ inline void load_packed_bytes(const std::uint8_t* run, Index half, __m256i* code
 }
 #endif
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// AVX-512 with VNNI: vpdpbusd multiplies four unsigned codes by four signed int8 operands and adds the
+// products to a 32-bit sum in one instruction (no 16-bit sums to widen), 64 bytes at a time: one
+// register holds a whole 4-bit run of a block (128 tokens) or two copies of a 2-bit run.
+inline constexpr bool integer_kernels_avx512 = true;
+
+// A run's bytes for split_codes: the 64 bytes of a 4-bit run; a 2-bit run's 32 bytes in both halves.
+template <StorageKind Kind>
+inline __m512i load_run(const std::uint8_t* run) {
+  if constexpr (Kind == StorageKind::int2) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(run)));
+  } else {
+    return _mm512_loadu_si512(run);
+  }
+}
+
+// One code per byte from bytes as load_run gives them: the code at byte position p of codes[0] is token
+// p's, of codes[1] token 64 + p's. 4-bit: run byte p holds tokens p (low nibble) and 64 + p (high).
+// 2-bit: run byte i holds tokens i, 32 + i, 64 + i, 96 + i (bits 0, 2, 4, 6); the register's lower half
+// takes fields 0 and 2, its upper half (p = 32 + i) fields 1 and 3. The same holds for bytes that
+// unpacks have moved within their 128-bit lane, as long as the lane keeps its half.
+template <StorageKind Kind>
+inline void split_codes(__m512i bytes, __m512i* codes) {
+  if constexpr (Kind == StorageKind::int2) {
+    const __m512i mask = _mm512_set1_epi8(0x03);
+    const auto shifts = [](short lower, short upper) {
+      return _mm512_inserti64x4(_mm512_set1_epi16(lower), _mm256_set1_epi16(upper), 1);
+    };
+    codes[0] = _mm512_and_si512(_mm512_srlv_epi16(bytes, shifts(0, 2)), mask);
+    codes[1] = _mm512_and_si512(_mm512_srlv_epi16(bytes, shifts(4, 6)), mask);
+  } else {
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    codes[0] = _mm512_and_si512(bytes, mask);
+    codes[1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+  }
+}
+
+// raw[t] = sum over the `count` elements e of q8[e] * code_e(t), runs `run_bytes` apart from `runs`.
+template <StorageKind Kind>
+inline void integer_scores_avx512(const std::uint8_t* runs, Index run_bytes, const std::int8_t* q8, Index count,
+                                  std::int32_t* raw) {
+  // Four elements at a time: their run bytes interleaved (two unpacks of bytes, then of 16-bit pairs) so
+  // that each 32-bit lane holds the four elements' bytes of one position p, then split into codes: one
+  // vpdpbusd per split adds the four products of a token. sums[v][k], 32-bit lane i of 128-bit lane L:
+  // token 64 v + 16 L + 4 k + i.
+  __m512i sums[2][4];
+  for (auto& split : sums) {
+    for (__m512i& s : split) s = _mm512_setzero_si512();
+  }
+  // The packed formats' groups are multiples of 4 elements (StorageFormat checks their block sizes).
+  for (Index e = 0; e < count; e += 4) {
+    __m512i bytes[4];
+    for (Index i = 0; i < 4; ++i) bytes[i] = load_run<Kind>(runs + (e + i) * run_bytes);
+    std::int32_t operands = 0;
+    std::memcpy(&operands, q8 + e, 4);  // byte i of each lane weighs element e + i (little-endian)
+    const __m512i weights = _mm512_set1_epi32(operands);
+    const __m512i low01 = _mm512_unpacklo_epi8(bytes[0], bytes[1]), high01 = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
+    const __m512i low23 = _mm512_unpacklo_epi8(bytes[2], bytes[3]), high23 = _mm512_unpackhi_epi8(bytes[2], bytes[3]);
+    const __m512i quads[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
+                              _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
+    for (int k = 0; k < 4; ++k) {
+      __m512i codes[2];
+      split_codes<Kind>(quads[k], codes);
+      sums[0][k] = _mm512_dpbusd_epi32(sums[0][k], codes[0], weights);
+      sums[1][k] = _mm512_dpbusd_epi32(sums[1][k], codes[1], weights);
+    }
+  }
+  // Transposing the 4 x 4 grid of 128-bit lanes puts tokens 64 v + 16 L + [0, 16) in register L.
+  for (int v = 0; v < 2; ++v) {
+    const __m512i* s = sums[v];
+    const __m512i low01 = _mm512_shuffle_i32x4(s[0], s[1], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i low23 = _mm512_shuffle_i32x4(s[2], s[3], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i high01 = _mm512_shuffle_i32x4(s[0], s[1], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i high23 = _mm512_shuffle_i32x4(s[2], s[3], _MM_SHUFFLE(3, 2, 3, 2));
+    std::int32_t* out = raw + 64 * v;
+    _mm512_storeu_si512(out, _mm512_shuffle_i32x4(low01, low23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(low01, low23, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(high01, high23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(high01, high23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+}
+
+// Sixteen vectors of 32-bit sums reduced to one: lane i the total of sums[i] (a transposing tree of adds).
+inline __m512i horizontal_sums16(const __m512i* sums) {
+  __m512i pairs[8], quads[4], halves[2];
+  for (int i = 0; i < 8; ++i) {  // each 128-bit lane: [a, b, a, b] partials of elements 2i, 2i + 1
+    pairs[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(sums[2 * i], sums[2 * i + 1]),
+                                _mm512_unpackhi_epi32(sums[2 * i], sums[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: elements 4i .. 4i + 3, that lane's share
+    quads[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * i], pairs[2 * i + 1]),
+                                _mm512_unpackhi_epi64(pairs[2 * i], pairs[2 * i + 1]));
+  }
+  for (int i = 0; i < 2; ++i) {  // lanes: quads 2i's lanes 0 + 1 and 2 + 3, then quads 2i + 1's
+    halves[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_i32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// sums[e] = sum over the block's tokens t of w8[t] * code_e(t), for the `count` elements e.
+template <StorageKind Kind>
+inline void integer_sums_avx512(const std::uint8_t* runs, Index run_bytes, const std::int8_t* w8, Index count,
+                                std::int32_t* sums) {
+  // split_codes gives tokens in order: a run's codes meet the weights of tokens [0, 64) and [64, 128).
+  const __m512i weights[2] = {_mm512_loadu_si512(w8), _mm512_loadu_si512(w8 + 64)};
+  const auto partial = [&](Index e) {
+    __m512i codes[2];
+    split_codes<Kind>(load_run<Kind>(runs + e * run_bytes), codes);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], weights[0]), codes[1], weights[1]);
+  };
+  Index e = 0;
+  for (; e + 16 <= count; e += 16) {
+    __m512i partials[16];
+    for (int i = 0; i < 16; ++i) partials[i] = partial(e + i);
+    _mm512_storeu_si512(sums + e, horizontal_sums16(partials));
+  }
+  for (; e < count; ++e) sums[e] = _mm512_reduce_add_epi32(partial(e));
+}
+#else
+inline constexpr bool integer_kernels_avx512 = false;
+#endif
+
 // raw[t] = sum over elements j in [first, last) of q8[j - first] * code_j(t), for the block's tokens t.
 template <StorageKind Kind>
 inline void integer_scores(const std::uint8_t* block, const BlockLayout& layout, const std::int8_t* q8, Index first,
                            Index last, std::int32_t* raw) {
   // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
   const std::uint8_t* runs = block + layout.run_offset(first);
-#ifdef __AVX2__
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  integer_scores_avx512<Kind>(runs, layout.run_bytes, q8, last - first, raw);
+#elif defined(__AVX2__)
   // Elements go in pairs: their codes interleaved byte by byte, one maddubs gives per token
   // c_j(t) q8_j + c_j+1(t) q8_j+1 in 16 bits, at most 2 * 15 * 127 (4-bit) or 2 * 3 * 127 (2-bit); the
   // 16-bit sums take this many pairs before they are widened into 32-bit ones.
@@ -658,7 +784,9 @@ inline void integer_sums(const std::uint8_t* block, const BlockLayout& layout, c
                          Index last, std::int32_t* sums) {
   // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
   const std::uint8_t* runs = block + layout.run_offset(first);
-#ifdef __AVX2__
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  integer_sums_avx512<Kind>(runs, layout.run_bytes, w8, last - first, sums);
+#elif defined(__AVX2__)
   __m256i weights[4];
   for (int k = 0; k < 4; ++k) weights[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8 + 32 * k));
   // Per element, 8 32-bit partial sums: four maddubs of 32 tokens (each 16-bit lane at most 2 * 15 *
@@ -767,6 +895,19 @@ void expand_block(const BlockedSide& side, Index b, float* buffer) {
   }
 }
 
+// Asks for block b of a side to be brought into the cache while the current block is computed on. A
+// decode reads each block once, in order, but a block spans several 4 KiB pages, where the hardware's
+// stream prefetchers stop; without this, memory and arithmetic took turns (bench/README.md).
+inline void prefetch_block(const BlockedSide& side, Index b) {
+#if defined(__GNUC__)
+  const std::uint8_t* block = side.block(b);
+  for (Index offset = 0; offset < side.layout.block_bytes; offset += 64) __builtin_prefetch(block + offset, 0, 3);
+#else
+  static_cast<void>(side);
+  static_cast<void>(b);
+#endif
+}
+
 template <StorageKind Kind>
 struct BlockedKeys {
   static constexpr Index tile_rows = block_rows;
@@ -795,7 +936,7 @@ struct BlockedKeys {
     const Index group = scaled_kind(Kind) ? layout.group : layout.width;
     if (scaled_kind(Kind)) scratch.raw.resize(block_rows, m);
     for (Index g = 0; g * group < layout.width; ++g) {
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
       if (m == 1) {
         float* target = scaled_kind(Kind) ? scratch.raw.data() : scratch.chunk;
         score_elements<Kind>(block, layout, queries.data(), g * group, (g + 1) * group, target);
@@ -914,7 +1055,7 @@ struct BlockedValues {
         }
       }
       const Eigen::Map<const Eigen::MatrixXf> scaled_weights(scaled_kind(Kind) ? scratch.raw.data() : weights, block_rows, m);
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
       if (m == 1) {
         accumulate_elements<Kind>(block, layout, scaled_weights.data(), g * group, (g + 1) * group, acc.data());
         continue;
@@ -1019,6 +1160,10 @@ void attend_decode(const Keys& keys, const Values& values, const RowMatrix<float
     const Index count = std::min(tile, keys.size() - first);
     float* scores = scratch.scores.data();
     if constexpr (Keys::tile_rows == block_rows) {
+      if (first + tile < end) {
+        prefetch_block(keys.side, first / tile + 1);
+        prefetch_block(values.side, first / tile + 1);
+      }
       keys.score(first, count, queries, scores, scratch.block);
     } else {
       keys.score(first, count, queries, scores, scratch.keys.data());
