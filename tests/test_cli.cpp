@@ -552,7 +552,8 @@ TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
                              " --calib-stories 0:6 --eval-stories 6:9 --max-tokens 48 --ratios 0.5 --methods kqsvd" +
                              " --latent-formats f16,int4/4 --full-formats f16,int8 --decode-tokens 4";
   const std::string report = path("frontier.json"), out = path("best.safetensors");
-  const std::string command = common + " --h2o 0.25 --budget-bits 9 --out " + shell_quote(out) + " --json " + shell_quote(report) + " > " +
+  const std::string command = common + " --h2o 0.25 --budget-bits 9 --decode-arithmetic float32,int8_dot_products --out " +
+                              shell_quote(out) + " --json " + shell_quote(report) + " > " +
                               shell_quote(path("frontier.txt")) + " 2>&1";
   ASSERT_EQ(std::system(command.c_str()), 0) << kqsvd::test::read_file(path("frontier.txt"));
   const json frontier = json::parse(kqsvd::test::read_file(report));
@@ -565,6 +566,17 @@ TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
                            "kqsvd-uniform-50%-f16+w32", "h2o-25%+kqsvd-uniform-50%-f16", "online-svd-50%-f16"}) {
     ASSERT_TRUE(configs.count(name)) << name;
     EXPECT_GT(configs[name].at("tokens_per_s").get<double>(), 0.0) << name;
+  }
+  // int8 dot products: a second configuration for the 4-bit latents only (not for f16 or int8 caches,
+  // nor for H2O), the same bytes, decoded with the other arithmetic.
+  ASSERT_TRUE(configs.count("kqsvd-uniform-50%-int4/4+int8"));
+  const json& fast = configs["kqsvd-uniform-50%-int4/4+int8"];
+  EXPECT_EQ(fast.at("decode_arithmetic"), "int8_dot_products");
+  EXPECT_EQ(configs["kqsvd-uniform-50%-int4/4"].at("decode_arithmetic"), "float32");
+  EXPECT_DOUBLE_EQ(fast.at("bits_per_element").get<double>(), configs["kqsvd-uniform-50%-int4/4"].at("bits_per_element").get<double>());
+  EXPECT_NE(fast.at("kl").get<double>(), configs["kqsvd-uniform-50%-int4/4"].at("kl").get<double>());
+  for (const char* name : {"full-f16+int8", "full-int8+int8", "kqsvd-uniform-50%-f16+int8", "h2o-25%-f16+int8"}) {
+    EXPECT_FALSE(configs.count(name)) << name;
   }
   EXPECT_DOUBLE_EQ(configs["full-f16"].at("bits_per_element").get<double>(), 16.0);
   EXPECT_DOUBLE_EQ(configs["full-int8"].at("bits_per_element").get<double>(), 8.0 + 16.0 / 8.0);  // a scale per row
@@ -600,6 +612,46 @@ TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
   refused("--out " + shell_quote(path("x.safetensors")), "--out needs --budget-bits");
   refused("--h2o 1", "nothing would be evicted");
   refused("--h2o 0", "--h2o");
+  refused("--decode-arithmetic int4", "--decode-arithmetic must be float32 or int8_dot_products, got 'int4'");
+}
+
+// kqsvd-llama quality --decode-arithmetic int8_dot_products: the post-RoPE rows of 4-bit latents decoded
+// with integer dot products (token by token), the pre-RoPE rows in float (their keys are reconstructed);
+// refused for a format it does not apply to.
+TEST_F(Cli, QualityWithIntegerDotProductsDecodesPostRopeLatents) {
+  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
+  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
+  const std::string common = "OMP_NUM_THREADS=1 " + shell_quote(llama) + " quality --model " + shell_quote(model_dir + "/stories260K.bin") +
+                             " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
+                             shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+                             " --calib-stories 0:6 --eval-stories 6:9 --max-tokens 48 --ratios 0.5 --methods kqsvd" +
+                             " --allocations uniform --window 0 --decode-tokens 4";
+  const auto run = [&](const std::string& options, const std::string& report) {
+    const std::string command = common + " " + options + " --json " + shell_quote(report) + " > " + shell_quote(path("quality.txt")) + " 2>&1";
+    return std::system(command.c_str());
+  };
+  ASSERT_EQ(run("--format int4/4 --decode-arithmetic int8_dot_products", path("int8.json")), 0)
+      << kqsvd::test::read_file(path("quality.txt"));
+  ASSERT_EQ(run("--format int4/4 --rope post", path("float.json")), 0) << kqsvd::test::read_file(path("quality.txt"));
+  std::map<std::string, json> fast, exact;
+  const json fast_report = json::parse(kqsvd::test::read_file(path("int8.json")));
+  const json float_report = json::parse(kqsvd::test::read_file(path("float.json")));
+  for (const json& row : fast_report.at("rows")) fast[row.at("rope").get<std::string>()] = row;
+  for (const json& row : float_report.at("rows")) exact[row.at("rope").get<std::string>()] = row;
+  ASSERT_TRUE(fast.count("post") && fast.count("pre") && exact.count("post"));
+  EXPECT_EQ(fast["post"].at("decode_arithmetic"), "int8_dot_products");
+  EXPECT_EQ(fast["pre"].at("decode_arithmetic"), "float32");
+  EXPECT_EQ(exact["post"].at("decode_arithmetic"), "float32");
+  EXPECT_EQ(fast["post"].at("bytes_per_token_per_layer"), exact["post"].at("bytes_per_token_per_layer"));
+  const double fast_kl = fast["post"].at("kl"), float_kl = exact["post"].at("kl");
+  EXPECT_NE(fast_kl, float_kl);
+  EXPECT_GT(fast_kl, 0.0);
+
+  EXPECT_EQ(WEXITSTATUS(run("--format f16 --decode-arithmetic int8_dot_products", path("refused.json"))), 2);
+  EXPECT_NE(kqsvd::test::read_file(path("quality.txt")).find("applies to q4_0, int4 and int2 latents, not --format f16"),
+            std::string::npos)
+      << kqsvd::test::read_file(path("quality.txt"));
+  EXPECT_FALSE(fs::exists(path("refused.json")));
 }
 
 // --latents int8: the errors of the latents as an int8 cache holds them, and its bits: rank 4 of 8, each

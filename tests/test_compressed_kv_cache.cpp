@@ -359,6 +359,50 @@ TEST(CompressedKvCache, BlockPrefillEqualsTokenByTokenDecodeWithAWindow) {
   }
 }
 
+// DecodeArithmetic::int8_dot_products reaches the kernels from both caches: decode steps (one token
+// at a time) change, by less than the 4- or 2-bit storage itself changes them (operands rounded to
+// 1/127 of their group's largest magnitude, codes to 1/15 or 1/3; on one attention step of real
+// activations the arithmetic adds a small fraction to the storage's error, examples/decode_arithmetic,
+// but five layers of this small model amplify both), while a prefill block, which always computes in
+// float, gives the float cache's bits.
+TEST(CompressedKvCache, IntegerDotProductsChangeDecodeStepsOnlyAndLessThanTheStorage) {
+  const Stories260K& s = stories260k();
+  const std::vector<int> tokens = s.story(0, 40);
+  const auto int8 = kqsvd::DecodeArithmetic::int8_dot_products;
+  const ModelProjections<float> rank4 = full_rank_projections(Method::kq_svd, RopeMode::post_rope)
+                                            .truncated(kqsvd::RankAllocation::uniform(s.model.shape(), 4, 4));
+  const auto check = [&](kqsvd::llama::KvCache& exact, kqsvd::llama::KvCache& stored, kqsvd::llama::KvCache& fast,
+                         const std::string& what) {
+    const RowMatrix exact_decode = logits_in_blocks(s.model, tokens, exact, 1);
+    const RowMatrix float_decode = logits_in_blocks(s.model, tokens, stored, 1);
+    const RowMatrix int8_decode = logits_in_blocks(s.model, tokens, fast, 1);
+    // Norms over every logit: the largest single difference, after five layers of a small model, is noisy.
+    const double storage_change = (float_decode - exact_decode).norm();
+    const double arithmetic_change = (int8_decode - float_decode).norm();
+    EXPECT_GT(arithmetic_change, 0.0) << what << ": the int8 arithmetic was not used";
+    EXPECT_LT(arithmetic_change, storage_change) << what;
+    EXPECT_EQ(max_abs_difference(logits_in_blocks(s.model, tokens, fast), logits_in_blocks(s.model, tokens, stored)), 0.0)
+        << what << ": a prefill block computes in float";
+  };
+  for (const char* name : {"int4/4", "int2/4"}) {
+    const StorageFormat format = StorageFormat::parse(name);
+    CompressedKvCache exact(s.model.shape(), s.model.rotary_embedding(), rank4, RopeMode::post_rope);
+    CompressedKvCache stored(s.model.shape(), s.model.rotary_embedding(), rank4, RopeMode::post_rope, 0, format);
+    CompressedKvCache fast(s.model.shape(), s.model.rotary_embedding(), rank4, RopeMode::post_rope, 0, format, int8);
+    EXPECT_EQ(fast.decode_arithmetic(), int8);
+    EXPECT_EQ(stored.decode_arithmetic(), kqsvd::DecodeArithmetic::float32);
+    check(exact, stored, fast, std::string("latents ") + name);
+  }
+  for (const char* name : {"int4/8", "int2/8"}) {
+    const StorageFormat format = StorageFormat::parse(name);
+    FullKvCache exact(s.model.shape(), s.model.rotary_embedding());
+    FullKvCache stored(s.model.shape(), s.model.rotary_embedding(), format);
+    FullKvCache fast(s.model.shape(), s.model.rotary_embedding(), format, int8);
+    EXPECT_EQ(fast.decode_arithmetic(), int8);
+    check(exact, stored, fast, std::string("full rows ") + name);
+  }
+}
+
 // Compression costs what it should: at rank 2 of 8 the model is measurably worse than at full rank,
 // and a window of 32 recovers part of the loss (the first 32 tokens of every story become exact).
 TEST(CompressedKvCache, LowRankCostsLikelihoodAndAWindowRecoversSome) {

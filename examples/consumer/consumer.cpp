@@ -1,5 +1,6 @@
 // Uses the installed package: fits one head with every method and checks the identities that hold
-// whatever the data, exiting non-zero if the installed headers misbehave.
+// whatever the data, and decodes a q4_0 cache with both arithmetics, exiting non-zero if the installed
+// headers misbehave.
 #include <kqsvd/kqsvd.hpp>
 
 #include <cstdio>
@@ -19,5 +20,15 @@ int main() {
                 static_cast<long>(proj.rank()), proj.predicted_relative_error(), identity_error);
     if (identity_error > 1e-9) ++failures;
   }
+  // A llama.cpp q4_0 cache of full rows, decoded in float and with integer dot products: the two
+  // results differ by the int8 rounding of the operands, a few percent at most.
+  kqsvd::HeadCache cache(d, d, kqsvd::StorageFormat::parse("q4_0"));
+  cache.append(Eigen::MatrixXf::Random(300, d), Eigen::MatrixXf::Random(300, d));
+  const Eigen::RowVectorXf query = Eigen::RowVectorXf::Random(d);
+  const Eigen::RowVectorXf exact = kqsvd::decode_attention(query, cache);
+  const Eigen::RowVectorXf fast = kqsvd::decode_attention(query, cache, kqsvd::DecodeArithmetic::int8_dot_products);
+  const float arithmetic_error = (fast - exact).norm() / exact.norm();
+  std::printf("q4_0 decode: int8 dot products within %.1e of float\n", static_cast<double>(arithmetic_error));
+  if (!(arithmetic_error < 0.05f)) ++failures;
   return failures == 0 ? 0 : 1;
 }

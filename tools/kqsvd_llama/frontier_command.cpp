@@ -39,7 +39,8 @@ constexpr const char* frontier_usage = R"(usage: kqsvd-llama frontier --model M.
            --calib-stories A:B --eval-stories C:D [--probe-stories E:F] [--max-tokens T]
            [--ratios 0.25,0.5] [--methods kqsvd,ksvd,eigen] [--latent-formats f16,int8,int4,int4/16,int2/16]
            [--full-formats f16,bf16,fp8_e4m3,fp8_e5m2,int8,q8_0,q4_0,int4,int2] [--window W]
-           [--h2o 0.1,0.2,0.5] [--decode-tokens N] [--json OUT.json] [--plot OUT.svg]
+           [--h2o 0.1,0.2,0.5] [--decode-arithmetic float32,int8_dot_products] [--decode-tokens N]
+           [--json OUT.json] [--plot OUT.svg]
            [--budget-bits B [--out PROJECTIONS.safetensors [--force]]]
 
 The quality-per-byte frontier of KV caches on held-out text: every configuration below is run on the
@@ -54,6 +55,10 @@ scores included) and its decode speed timed on the library's kernels:
   h2o-R%-F                H2O: R of the context (--max-tokens) kept per head, half heavy hitters, half
                           recent tokens, in F (f16 and q4_0 where the head dimension allows)
   h2o-R%+kqsvd-uniform-S%-F   H2O on KQ-SVD latents (R = the largest --h2o, S each ratio)
+  ...+int8                the same q4_0, int4 or int2 full cache or latents decoded with integer dot
+                          products (--decode-arithmetic int8_dot_products; kqsvd::DecodeArithmetic): the
+                          evaluation stories decoded token by token, as the arithmetic applies to decode
+                          steps only
   online-svd-R%-F         no calibration: each story's own SVD of its pre-RoPE keys and its values at rank
                           round(R * head_dim), fitted on its first half (the prompt), the rest projected
                           on it (as ShadowKV); the bases are counted
@@ -61,10 +66,13 @@ Low-rank latents are post-RoPE, calibrated on the --calib-stories. A configurati
 hold its row width is skipped (listed on stderr). The Pareto front: configurations no other beats in
 both bits and KL.
 
+  --decode-arithmetic A,...  float32 (default) and/or int8_dot_products: how decode steps multiply 4- and
+                         2-bit codes; one configuration per choice where it applies
   --budget-bits B        also name the best configuration measured within B bits per element; with --out,
                          write its projection file (low-rank configurations; the others need none)
   --json OUT.json        {"model", "eval_stories", "max_tokens", "configs": [{"config", "bits_per_element",
-                         "kl", "nll", "top1", "tokens_per_s", "pareto", ...}], "best_per_budget": [...]}
+                         "kl", "nll", "top1", "tokens_per_s", "decode_arithmetic", "pareto", ...}],
+                         "best_per_budget": [...]}
   --plot OUT.svg         KL against bits per element, the Pareto front marked
 
 Exit codes: 0 success, 1 unusable data or files, 2 bad command line (a budget below every configuration).
@@ -172,6 +180,7 @@ int frontier_command(const std::vector<std::string>& words) {
                                {"--h2o", OptionKind::value},            {"--decode-tokens", OptionKind::value},
                                {"--json", OptionKind::value},           {"--plot", OptionKind::value},
                                {"--budget-bits", OptionKind::value},    {"--out", OptionKind::value},
+                               {"--decode-arithmetic", OptionKind::value},
                                {"--force", OptionKind::flag}});
   if (args.help()) {
     std::cout << frontier_usage;
@@ -190,6 +199,14 @@ int frontier_command(const std::vector<std::string>& words) {
       formats_of(args, "--full-formats", "f16,bf16,fp8_e4m3,fp8_e5m2,int8,q8_0,q4_0,int4,int2");
   const long window = args.integer("--window", 0, 1 << 20).value_or(32);
   const long decode_tokens = args.integer("--decode-tokens", 0, 1 << 20).value_or(64);
+  std::vector<DecodeArithmetic> arithmetics = {DecodeArithmetic::float32};
+  if (!args.items("--decode-arithmetic").empty()) {
+    arithmetics.clear();
+    for (const std::string& item : args.items("--decode-arithmetic")) {
+      const DecodeArithmetic arithmetic = parse_arithmetic_name(item, "--decode-arithmetic");
+      if (std::find(arithmetics.begin(), arithmetics.end(), arithmetic) == arithmetics.end()) arithmetics.push_back(arithmetic);
+    }
+  }
   const std::optional<double> budget_bits = args.number_above("--budget-bits", 0.0, 64.0);
   const std::optional<std::string> out = args.value("--out");
   if (out && !budget_bits) throw UsageError("--out needs --budget-bits: the projection file is the best configuration's");
@@ -305,7 +322,7 @@ int frontier_command(const std::vector<std::string>& words) {
           } else {
             const auto key = std::make_pair(method, rank);
             if (!sensitivities.count(key)) {
-              sensitivities.emplace(key, measure_sensitivity(*prober, full_rank, CacheConfiguration{method, mode, 0, format, std::nullopt, 0}, rank).weights);
+              sensitivities.emplace(key, measure_sensitivity(*prober, full_rank, latent_configuration(method, mode, 0, format), rank).weights);
               std::cerr << "probed " << to_string(method) << " at rank " << rank << " (" << fixed(elapsed(), 0) << " s)\n";
             }
             LossAwareOptions options;
@@ -329,7 +346,7 @@ int frontier_command(const std::vector<std::string>& words) {
             c.name = base + (w > 0 ? "+w" + std::to_string(w) : "");
             c.family = display_name(method) + (w > 0 ? " + window" : "") + ", " +
                        (format.code_bits() >= 16 ? "16-bit" : std::to_string(format.code_bits()) + "-bit") + " latents";
-            c.cache = CacheConfiguration{method, mode, w, format, std::nullopt, 0};
+            c.cache = latent_configuration(method, mode, w, format);
             c.projections = truncated;
             c.ranks = description;
             c.nominal_bits = latent_bits;
@@ -341,7 +358,7 @@ int frontier_command(const std::vector<std::string>& words) {
             Candidate c;
             c.name = "h2o-" + percent(h2o) + "+" + base;
             c.family = "H2O on KQ-SVD latents";
-            c.cache = CacheConfiguration{method, mode, 0, format, std::nullopt, 0};
+            c.cache = latent_configuration(method, mode, 0, format);
             c.cache.eviction = HeavyHitterBudget::fraction(h2o, context);
             c.projections = truncated;
             c.ranks = description;
@@ -351,6 +368,24 @@ int frontier_command(const std::vector<std::string>& words) {
         }
       }
     }
+  }
+  // One configuration per decode arithmetic where it applies (the others decode in float); without
+  // float32 in the list, the configurations it applies to are measured with the other arithmetic only.
+  {
+    std::vector<Candidate> expanded;
+    for (Candidate& c : candidates) {
+      if (!takes_decode_arithmetic(c.cache)) {
+        expanded.push_back(std::move(c));
+        continue;
+      }
+      for (const DecodeArithmetic arithmetic : arithmetics) {
+        Candidate variant = c;
+        variant.cache.arithmetic = arithmetic;
+        if (arithmetic == DecodeArithmetic::int8_dot_products) variant.name += "+int8";
+        expanded.push_back(std::move(variant));
+      }
+    }
+    candidates = std::move(expanded);
   }
   for (const std::string& s : skipped) std::cerr << "skipped " << s << "\n";
   std::cerr << "measuring " << candidates.size() << " configurations\n";
@@ -414,6 +449,7 @@ int frontier_command(const std::vector<std::string>& words) {
                                       {"nll", m.mean_nll()},
                                       {"top1", m.top1_agreement()},
                                       {"tokens_per_s", c.row.tokens_per_second},
+                                      {"decode_arithmetic", to_string(c.cache.arithmetic)},
                                       {"pareto", c.pareto}};
       if (c.projections) entry["ranks"] = c.ranks;
       list.push_back(std::move(entry));

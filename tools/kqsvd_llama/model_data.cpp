@@ -75,10 +75,28 @@ std::unique_ptr<llama::KvCache> make_cache(const llama::Transformer& model, cons
                                                        configuration.format, *projections);
   }
   if (!configuration.method) {
-    return std::make_unique<llama::FullKvCache>(model.shape(), model.rotary_embedding(), configuration.format);
+    return std::make_unique<llama::FullKvCache>(model.shape(), model.rotary_embedding(), configuration.format,
+                                                configuration.arithmetic);
   }
   return std::make_unique<llama::CompressedKvCache>(model.shape(), model.rotary_embedding(), *projections,
-                                                    configuration.rope, configuration.window, configuration.format);
+                                                    configuration.rope, configuration.window, configuration.format,
+                                                    configuration.arithmetic);
+}
+
+CacheConfiguration latent_configuration(Method method, RopeMode rope, Eigen::Index window, const StorageFormat& format) {
+  CacheConfiguration configuration;
+  configuration.method = method;
+  configuration.rope = rope;
+  configuration.window = window;
+  configuration.format = format;
+  return configuration;
+}
+
+bool takes_decode_arithmetic(const CacheConfiguration& configuration) {
+  const StorageKind kind = configuration.format.kind();
+  const bool packed = kind == StorageKind::q4_0 || kind == StorageKind::int4 || kind == StorageKind::int2;
+  return packed && !configuration.eviction && configuration.online_rank == 0 &&
+         (!configuration.method || configuration.rope == RopeMode::post_rope);
 }
 
 Method parse_method_name(const std::string& text, const std::string& option) {
@@ -102,6 +120,14 @@ StorageFormat parse_format_name(const std::string& text, const std::string& opti
     return StorageFormat::parse(text);
   } catch (const InvalidArgument& error) {
     throw UsageError(option + ": " + error.what());
+  }
+}
+
+DecodeArithmetic parse_arithmetic_name(const std::string& text, const std::string& option) {
+  try {
+    return parse_decode_arithmetic(text);
+  } catch (const InvalidArgument&) {
+    throw UsageError(option + " must be float32 or int8_dot_products, got '" + text + "'");
   }
 }
 

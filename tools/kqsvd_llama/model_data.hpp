@@ -82,7 +82,17 @@ struct CacheConfiguration {
   StorageFormat format;
   std::optional<HeavyHitterBudget> eviction;
   Eigen::Index online_rank = 0;
+  // How decode steps multiply 4- and 2-bit codes; see takes_decode_arithmetic.
+  DecodeArithmetic arithmetic = DecodeArithmetic::float32;
 };
+
+// Low-rank latents of `method` (no eviction, no online SVD).
+CacheConfiguration latent_configuration(Method method, RopeMode rope, Eigen::Index window, const StorageFormat& format);
+
+// Whether the configuration's decode steps can use DecodeArithmetic::int8_dot_products: a q4_0, int4 or
+// int2 full cache, or such post-RoPE latents (pre-RoPE keys are reconstructed in float; the eviction and
+// online-SVD caches decode in float).
+bool takes_decode_arithmetic(const CacheConfiguration& configuration);
 
 // The cache of a configuration; `projections` (at the chosen ranks) when it is compressed.
 std::unique_ptr<llama::KvCache> make_cache(const llama::Transformer& model, const CacheConfiguration& configuration,
@@ -99,6 +109,7 @@ T required(const std::optional<T>& value, const std::string& option) {
 Method parse_method_name(const std::string& text, const std::string& option);
 RopeMode parse_rope_name(const std::string& text, const std::string& option);
 StorageFormat parse_format_name(const std::string& text, const std::string& option);
+DecodeArithmetic parse_arithmetic_name(const std::string& text, const std::string& option);
 // A comma-separated list of ratios in (0, 1] (`defaults` when the option is absent), and of methods
 // (every method when absent).
 std::vector<double> ratios_of(const Arguments& args, const std::string& option, std::vector<double> defaults);

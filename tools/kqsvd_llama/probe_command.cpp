@@ -93,7 +93,7 @@ int probe_command(const std::vector<std::string>& words) {
   FullRankProjections fitted(data.model, calibrations);
   const QualityEvaluator prober(data.model, probe_stories);
   const SensitivityProbe probe =
-      measure_sensitivity(prober, fitted.get(method, mode), CacheConfiguration{method, mode, 0, format, std::nullopt, 0}, rank);
+      measure_sensitivity(prober, fitted.get(method, mode), latent_configuration(method, mode, 0, format), rank);
 
   io::Sensitivity sensitivity{method, mode, args.value("--name").value_or(data.name()), "", probe.weights};
   std::ostringstream description;

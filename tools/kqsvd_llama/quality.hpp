@@ -17,6 +17,7 @@ namespace kqsvd::cli {
 
 struct QualityRow {
   std::string rope = "-", method = "full", allocation = "-", format = "f32", rotation = "none";
+  std::string arithmetic = "float32";  // the decode arithmetic (to_string(DecodeArithmetic))
   Eigen::Index rank = 0, window = 0;
   double epsilon = std::numeric_limits<double>::quiet_NaN();
   std::string key_ranks, value_ranks;  // RankAllocation::describe_keys() / describe_values()
@@ -32,7 +33,9 @@ class QualityEvaluator {
   QualityEvaluator(const llama::Transformer& model, Sequences stories);
 
   // Every story as one prefill block through the configuration's cache (the online SVD's: its first half,
-  // the prompt, then the rest), compared with the reference.
+  // the prompt, then the rest), compared with the reference. With int8 dot products the stories are
+  // decoded token by token instead: the arithmetic applies to decode steps only, and a prefill block
+  // computes in float.
   QualityRow evaluate(const CacheConfiguration& configuration, const ModelProjections<float>* projections) const;
 
   // Tokens per second decoding the first story token by token (`tokens` of it), best of three runs.

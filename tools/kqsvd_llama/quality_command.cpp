@@ -37,7 +37,8 @@ constexpr const char* quality_usage = R"(usage: kqsvd-llama quality --model M.bi
            --calib-stories A:B --eval-stories C:D [--max-tokens T] [--ratios 0.25,0.5,0.75]
            [--window W] [--format f32] [--rotate none,hadamard] [--methods kqsvd,ksvd,eigen]
            [--rope post,pre] [--allocations uniform,eps,layer-eps,loss-aware,loss-aware-separate]
-           [--probe-stories E:F] [--decode-tokens N] [--json OUT.json] [--plot OUT.svg]
+           [--probe-stories E:F] [--decode-arithmetic float32] [--decode-tokens N] [--json OUT.json]
+           [--plot OUT.svg]
 
 What compressing the KV cache costs the model on held-out text. Projections are calibrated on the
 --calib-stories (one prefill per story, exact cache; rotated queries and keys for post-RoPE, un-rotated
@@ -72,6 +73,10 @@ kernels doing the attention; run with OMP_NUM_THREADS=1 for stable numbers.
   --rotate R,...         none (default) and/or hadamard: rotate the truncated projections' latents by
                          a Hadamard matrix before storing them (same scores, flatter latents for a
                          quantized --format; kqsvd::hadamard_rotated); one row per choice
+  --decode-arithmetic A  float32 (default) or int8_dot_products: how decode steps multiply the codes of
+                         q4_0, int4 and int2 latents (kqsvd::DecodeArithmetic; post-RoPE rows only,
+                         pre-RoPE keys are reconstructed in float). With int8_dot_products the evaluation
+                         stories are decoded token by token, since a prefill block computes in float
   --decode-tokens N      tokens decoded one by one to time each cache (default 64; 0: no timing)
   --json OUT.json        every row, with the command line, as JSON
   --plot OUT.svg         NLL and KL against the compression ratio
@@ -144,6 +149,7 @@ nlohmann::ordered_json row_json(const QualityRow& row) {
           {"window", row.window},
           {"format", row.format},
           {"rotation", row.rotation},
+          {"decode_arithmetic", row.arithmetic},
           {"target_ratio", number(row.target)},
           {"ratio", number(row.ratio)},
           {"bits_per_element", number(row.bits_per_element)},
@@ -235,6 +241,7 @@ QualityEvaluator::QualityEvaluator(const llama::Transformer& model, Sequences st
 
 QualityRow QualityEvaluator::evaluate(const CacheConfiguration& configuration, const ModelProjections<float>* projections) const {
   QualityRow row;
+  row.arithmetic = to_string(configuration.arithmetic);
   std::unique_ptr<llama::KvCache> cache = make_cache(*model_, configuration, projections);
   double bytes = 0.0, token_layers = 0.0;
   for (std::size_t s = 0; s < stories_.size(); ++s) {
@@ -242,12 +249,18 @@ QualityRow QualityEvaluator::evaluate(const CacheConfiguration& configuration, c
     cache->reset();
     // The online SVD fits its basis on a prompt: the first half of the story, then the rest is decoded
     // on it (one block: attention is per query, so that equals token-by-token decoding).
-    const std::size_t prompt = configuration.online_rank > 0 ? std::max<std::size_t>(1, tokens.size() / 2) : tokens.size();
+    // Token by token (block 1) for int8 dot products, which only decode steps use.
+    const bool decode = configuration.arithmetic != DecodeArithmetic::float32 && configuration.online_rank == 0;
+    const std::size_t prompt = decode ? 1
+                               : configuration.online_rank > 0 ? std::max<std::size_t>(1, tokens.size() / 2)
+                                                               : tokens.size();
     RowMatrix<float> logits = model_->forward(std::vector<int>(tokens.begin(), tokens.begin() + static_cast<long>(prompt)), *cache);
-    if (prompt < tokens.size()) {
-      const RowMatrix<float> rest = model_->forward(std::vector<int>(tokens.begin() + static_cast<long>(prompt), tokens.end()), *cache);
-      logits.conservativeResize(logits.rows() + rest.rows(), Eigen::NoChange);
-      logits.bottomRows(rest.rows()) = rest;
+    const std::size_t block = decode ? 1 : tokens.size();
+    if (prompt < tokens.size()) logits.conservativeResize(static_cast<Eigen::Index>(tokens.size()), Eigen::NoChange);
+    for (std::size_t first = prompt; first < tokens.size(); first += block) {
+      const std::size_t last = std::min(tokens.size(), first + block);
+      logits.middleRows(static_cast<Eigen::Index>(first), static_cast<Eigen::Index>(last - first)) = model_->forward(
+          std::vector<int>(tokens.begin() + static_cast<long>(first), tokens.begin() + static_cast<long>(last)), *cache);
     }
     const auto predicted = static_cast<Eigen::Index>(tokens.size()) - 1;
     row.comparison.add(reference_[s].topRows(predicted), logits.topRows(predicted),
@@ -325,6 +338,7 @@ int quality_command(const std::vector<std::string>& words) {
                                {"--rotate", OptionKind::value},
                                {"--rope", OptionKind::value},         {"--allocations", OptionKind::value},
                                {"--decode-tokens", OptionKind::value}, {"--json", OptionKind::value},
+                               {"--decode-arithmetic", OptionKind::value},
                                {"--plot", OptionKind::value}});
   if (args.help()) {
     std::cout << quality_usage;
@@ -337,6 +351,12 @@ int quality_command(const std::vector<std::string>& words) {
   const std::vector<double> ratios = ratios_of(args, "--ratios", {0.25, 0.5, 0.75});
   const long window = args.integer("--window", 0, 1 << 20).value_or(32);
   const StorageFormat format = parse_format_name(args.value("--format").value_or("f32"), "--format");
+  const DecodeArithmetic arithmetic =
+      parse_arithmetic_name(args.value("--decode-arithmetic").value_or("float32"), "--decode-arithmetic");
+  if (arithmetic != DecodeArithmetic::float32 && !takes_decode_arithmetic(latent_configuration(Method::kq_svd, RopeMode::post_rope, 0, format))) {
+    throw UsageError("--decode-arithmetic " + std::string(to_string(arithmetic)) + " applies to q4_0, int4 and int2 latents, not --format " +
+                     format.name());
+  }
   const std::vector<Method> methods = methods_of(args, "--methods");
   std::vector<RopeMode> modes(all_rope_modes.begin(), all_rope_modes.end());
   if (!args.items("--rope").empty()) {
@@ -416,7 +436,7 @@ int quality_command(const std::vector<std::string>& words) {
     auto found = sensitivities.find(key);
     if (found == sensitivities.end()) {
       const SensitivityProbe probe =
-          measure_sensitivity(*prober, fitted.get(method, mode), CacheConfiguration{method, mode, 0, format, std::nullopt, 0}, rank);
+          measure_sensitivity(*prober, fitted.get(method, mode), latent_configuration(method, mode, 0, format), rank);
       found = sensitivities.emplace(key, probe.weights).first;
       std::cerr << "probed " << to_string(method) << " " << to_string(mode) << " at rank " << rank << " ("
                 << fixed(elapsed(), 0) << " s)\n";
@@ -466,7 +486,8 @@ int quality_command(const std::vector<std::string>& words) {
               row.window = w;
               rows.push_back(row);
               chosen.push_back(rotation == "hadamard" ? hadamard_rotated(truncated) : truncated);
-              configurations.push_back(CacheConfiguration{method, mode, w, format, std::nullopt, 0});
+              configurations.push_back(latent_configuration(method, mode, w, format));
+              if (takes_decode_arithmetic(configurations.back())) configurations.back().arithmetic = arithmetic;
             }
           }
         }
@@ -476,6 +497,7 @@ int quality_command(const std::vector<std::string>& words) {
   parallel_jobs(rows.size(), [&](std::size_t i) {
     const QualityRow measured = evaluator.evaluate(configurations[i], &chosen[i]);
     rows[i].comparison = measured.comparison;
+    rows[i].arithmetic = measured.arithmetic;
     rows[i].bytes_per_token_layer = measured.bytes_per_token_layer;
   });
   std::cerr << "evaluated " << rows.size() << " configurations in " << fixed(elapsed(), 0) << " s\n";
@@ -491,7 +513,11 @@ int quality_command(const std::vector<std::string>& words) {
             << "calibration stories " << calibration_range.first << ":" << calibration_range.second << " ("
             << calibrations.post_rope.token_count() << " tokens), evaluation stories " << evaluation_range.first << ":"
             << evaluation_range.second << " (" << full.comparison.tokens() << " predicted tokens), max " << max_tokens
-            << " tokens per story, latents " << format.name() << "\n"
+            << " tokens per story, latents " << format.name()
+            << (arithmetic == DecodeArithmetic::float32
+                    ? std::string()
+                    : std::string(", post-RoPE rows decoded token by token with ") + to_string(arithmetic))
+            << "\n"
             << "ratio = latent elements / full-cache elements, window excluded; dNLL = NLL - full-cache NLL, +-se its "
                "paired standard error over tokens; top1% = agreement with the full cache; KL = mean KL(full || "
                "compressed), nats; B/tok/L = measured cache bytes per token per layer (window included); tok/s = "

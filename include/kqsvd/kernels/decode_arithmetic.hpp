@@ -14,7 +14,9 @@
 //                       Each operand is off by at most half of 1/127 of its group's largest magnitude.
 //
 // It applies to the decode strategy (up to 16 queries sharing their rows, kernels/partial_attention.hpp)
-// on q4_0, int4 and int2 caches; other formats, and prefill, always compute in float.
+// on q4_0, int4 and int2 caches; other formats, and prefill, always compute in float. The speed-up
+// needs the AVX2 or AVX-512 VNNI kernels (compile with -mavx2 -mfma -mf16c, or -march=native): the
+// portable path is scalar and slower than float arithmetic (docs/end-to-end.md).
 //
 //   auto exact = kqsvd::decode_attention(q, cache);
 //   auto fast = kqsvd::decode_attention(q, cache, kqsvd::DecodeArithmetic::int8_dot_products);

@@ -9,7 +9,10 @@
 //   RopeMode::pre_rope   un-rotated keys are compressed; attention reconstructs (k A) B^T, rotates it by
 //                        its position and scores it with the rotated query.
 // Values are always latents: the softmax-weighted sum of v A_v is decompressed once by B_v^T. The
-// library's kernels (kqsvd::partial_attention) read the latents in place.
+// library's kernels (kqsvd::partial_attention) read the latents in place. `arithmetic` is how a decode
+// step (up to 16 queries of a KV head's group at one position) multiplies 4- and 2-bit latent codes in
+// post-RoPE mode (kernels/decode_arithmetic.hpp); prefill blocks, pre-RoPE reconstruction and the exact
+// window always compute in float.
 //
 // Recent window W >= 0: a query at position p scores keys at positions p-W+1 .. p exactly (rotated float
 // keys and float values) and older keys from their latents; the two parts are combined exactly as the
@@ -30,6 +33,10 @@
 //   kqsvd::llama::CompressedKvCache cache(model.shape(), model.rotary_embedding(), projections,
 //                                         kqsvd::RopeMode::post_rope, /*window=*/32,
 //                                         kqsvd::StorageFormat::parse("f16"));
+//   // int4 latents decoded with integer dot products (what the decode benchmark's "+int8" rows time):
+//   kqsvd::llama::CompressedKvCache fast(model.shape(), model.rotary_embedding(), projections,
+//                                        kqsvd::RopeMode::post_rope, 32, kqsvd::StorageFormat::parse("int4/32"),
+//                                        kqsvd::DecodeArithmetic::int8_dot_products);
 //   auto logits = model.forward(prompt, cache);          // as with FullKvCache
 //   cache.bytes();                                       // latents + the window's exact rows
 #pragma once
@@ -48,6 +55,7 @@
 #include "kqsvd/core/error.hpp"
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"
+#include "kqsvd/kernels/decode_arithmetic.hpp"
 #include "kqsvd/kernels/decode_attention.hpp"
 #include "kqsvd/kernels/partial_attention.hpp"
 #include "kqsvd/llama/kv_cache.hpp"
@@ -61,10 +69,12 @@ class CompressedKvCache : public KvCache {
 
   // projections: fitted for this model's shape, on rotated queries and keys for post_rope, on
   // un-rotated ones for pre_rope. window: recent tokens kept exact. format: how latents are stored.
+  // arithmetic: how decode steps multiply 4- and 2-bit latents (post_rope).
   CompressedKvCache(const ModelShape& shape, const RotaryEmbedding& rope, Projections projections, RopeMode mode,
-                    Index window = 0, StorageFormat format = StorageFormat())
+                    Index window = 0, StorageFormat format = StorageFormat(),
+                    DecodeArithmetic arithmetic = DecodeArithmetic::float32)
       : KvCache(shape, rope), projections_(validated(shape, std::move(projections))), mode_(mode),
-        window_(validated_window(window)) {
+        window_(validated_window(window)), arithmetic_(arithmetic) {
     layers_.resize(static_cast<std::size_t>(shape.layers));
     for (Index l = 0; l < shape.layers; ++l) {
       for (Index h = 0; h < shape.kv_heads; ++h) {
@@ -77,6 +87,7 @@ class CompressedKvCache : public KvCache {
   RopeMode rope_mode() const { return mode_; }
   Index window() const { return window_; }
   const StorageFormat& format() const { return layers_.front().heads.front().format(); }
+  DecodeArithmetic decode_arithmetic() const { return arithmetic_; }
 
   // Tokens held by `layer`.
   Index tokens(Index layer) const {
@@ -178,7 +189,7 @@ class CompressedKvCache : public KvCache {
       const RowMatrix<float> stacked = detail::group_queries(shape(), queries, h, scale);
       PartialAttention attention =
           mode_ == RopeMode::post_rope
-              ? partial_attention(stacked * key_projection.decoder(), latent_rows, cache).decompressed(value_projection)
+              ? partial_attention(stacked * key_projection.decoder(), latent_rows, cache, arithmetic_).decompressed(value_projection)
               : partial_attention(stacked, latent_rows, cache, key_projection, rotary_embedding(), 0)
                     .decompressed(value_projection);
       if (window_ > 0) {
@@ -261,6 +272,7 @@ class CompressedKvCache : public KvCache {
   Projections projections_;
   RopeMode mode_;
   Index window_;
+  DecodeArithmetic arithmetic_;
   std::vector<Layer> layers_;
 };
 

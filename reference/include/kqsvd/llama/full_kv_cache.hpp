@@ -1,13 +1,17 @@
 // kqsvd/llama/full_kv_cache.hpp -- the uncompressed KV cache: every token's rotated key and value rows,
 // per layer and KV head a kqsvd::HeadCache of full rows. In float32 (the default) it is the exact
 // reference every compressed cache is measured against; in another StorageFormat it is a quantized
-// full cache (llama.cpp's q8_0 or q4_0, fp8, ...).
+// full cache (llama.cpp's q8_0 or q4_0, fp8, ...). `arithmetic` is how a decode step (up to 16 queries
+// of a KV head's group at one position) multiplies 4- and 2-bit codes: kernels/decode_arithmetic.hpp;
+// prefill blocks always compute in float.
 //
 // bytes() = layers x kv_heads x tokens x 2 x StorageFormat::bytes_per_row(head_dim): 2 x layers x
 // tokens x kv_heads x head_dim x 4 in float32.
 //
 //   kqsvd::llama::FullKvCache cache(model.shape(), model.rotary_embedding());
 //   kqsvd::llama::FullKvCache q4(model.shape(), model.rotary_embedding(), kqsvd::StorageFormat::parse("q4_0"));
+//   kqsvd::llama::FullKvCache fast(model.shape(), model.rotary_embedding(), kqsvd::StorageFormat::parse("q4_0"),
+//                                  kqsvd::DecodeArithmetic::int8_dot_products);
 //   cache.reserve(model.config().seq_len);   // optional: no reallocation while decoding
 //   auto logits = model.forward(tokens, cache);
 #pragma once
@@ -23,6 +27,7 @@
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"
+#include "kqsvd/kernels/decode_arithmetic.hpp"
 #include "kqsvd/kernels/decode_attention.hpp"
 #include "kqsvd/kernels/partial_attention.hpp"
 #include "kqsvd/llama/kv_cache.hpp"
@@ -31,13 +36,15 @@ namespace kqsvd::llama {
 
 class FullKvCache : public KvCache {
  public:
-  FullKvCache(const ModelShape& shape, const RotaryEmbedding& rope, StorageFormat format = StorageFormat())
-      : KvCache(shape, rope) {
+  FullKvCache(const ModelShape& shape, const RotaryEmbedding& rope, StorageFormat format = StorageFormat(),
+              DecodeArithmetic arithmetic = DecodeArithmetic::float32)
+      : KvCache(shape, rope), arithmetic_(arithmetic) {
     heads_.assign(static_cast<std::size_t>(shape.layers * shape.kv_heads),
                   HeadCache(shape.head_dim, shape.head_dim, format));
   }
 
   const StorageFormat& format() const { return heads_.front().format(); }
+  DecodeArithmetic decode_arithmetic() const { return arithmetic_; }
 
   // Allocates room for `tokens` tokens per layer up front.
   void reserve(Index tokens) {
@@ -75,7 +82,7 @@ class FullKvCache : public KvCache {
     RowMatrix<float> output(queries.rows(), shape().query_width());
     for (Index h = 0; h < shape().kv_heads; ++h) {
       const RowMatrix<float> stacked = detail::group_queries(shape(), queries, h, scale);
-      detail::scatter_group(shape(), partial_attention(stacked, visible, slot(layer, h)).result(), h, output);
+      detail::scatter_group(shape(), partial_attention(stacked, visible, slot(layer, h), arithmetic_).result(), h, output);
     }
     return output;
   }
@@ -88,6 +95,7 @@ class FullKvCache : public KvCache {
   HeadCache& slot(Index layer, Index kv_head) { return heads_[static_cast<std::size_t>(layer * shape().kv_heads + kv_head)]; }
 
   std::vector<HeadCache> heads_;  // [layer * kv_heads + kv_head]
+  DecodeArithmetic arithmetic_;
 };
 
 }  // namespace kqsvd::llama
