@@ -515,15 +515,21 @@ TEST_F(Cli, FitWithABudgetSpendsItUniformlyOrWhereTheLossNeedsIt) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+// A kqsvd-llama subcommand on the shipped stories260K checkpoint, its tokenizer and the sample text, on
+// one thread, as a shell command to append options to.
+std::string stories260k_command(const std::string& subcommand) {
+  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
+  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
+  return "OMP_NUM_THREADS=1 " + shell_quote(llama) + " " + subcommand + " --model " + shell_quote(model_dir + "/stories260K.bin") +
+         " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
+         shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt");
+}
+
 // kqsvd-llama probe on the shipped stories260K checkpoint: a sensitivity file of the model's shape, with
 // the model's name, that kqsvd fit accepts for activations of the same model.
 TEST_F(Cli, ProbeWritesASensitivityFileThatFitAccepts) {
-  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
-  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
   const std::string weights = path("probe.json");
-  std::string command = "OMP_NUM_THREADS=1 " + shell_quote(llama) + " probe --model " + shell_quote(model_dir + "/stories260K.bin") +
-                        " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
-                        shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+  std::string command = stories260k_command("probe") +
                         " --calib-stories 0:6 --probe-stories 6:9 --max-tokens 48 --method kqsvd --ratio 0.5 --out " +
                         shell_quote(weights) + " > " + shell_quote(path("probe.txt")) + " 2>&1";
   ASSERT_EQ(std::system(command.c_str()), 0) << kqsvd::test::read_file(path("probe.txt"));
@@ -544,11 +550,7 @@ TEST_F(Cli, ProbeWritesASensitivityFileThatFitAccepts) {
 // JSON's bits from the caches' bytes (the full f16 cache exactly 16), the Pareto flags consistent with
 // the numbers, the recommendation the best within the budget; bad budgets refused before any work.
 TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
-  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
-  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
-  const std::string common = "OMP_NUM_THREADS=1 " + shell_quote(llama) + " frontier --model " + shell_quote(model_dir + "/stories260K.bin") +
-                             " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
-                             shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+  const std::string common = stories260k_command("frontier") +
                              " --calib-stories 0:6 --eval-stories 6:9 --max-tokens 48 --ratios 0.5 --methods kqsvd" +
                              " --latent-formats f16,int4/4 --full-formats f16,int8 --decode-tokens 4";
   const std::string report = path("frontier.json"), out = path("best.safetensors");
@@ -619,11 +621,7 @@ TEST_F(Cli, FrontierMeasuresEveryCacheAndRecommendsWithinABudget) {
 // with integer dot products (token by token), the pre-RoPE rows in float (their keys are reconstructed);
 // refused for a format it does not apply to.
 TEST_F(Cli, QualityWithIntegerDotProductsDecodesPostRopeLatents) {
-  const std::string llama = std::string(KQSVD_BINARY_DIR) + "/tools/kqsvd_llama/kqsvd-llama";
-  const std::string model_dir = std::string(KQSVD_DATA_DIR) + "/models/stories260K";
-  const std::string common = "OMP_NUM_THREADS=1 " + shell_quote(llama) + " quality --model " + shell_quote(model_dir + "/stories260K.bin") +
-                             " --tokenizer " + shell_quote(model_dir + "/tok512.bin") + " --text " +
-                             shell_quote(std::string(KQSVD_DATA_DIR) + "/text/tinystories/tinystories_sample.txt") +
+  const std::string common = stories260k_command("quality") +
                              " --calib-stories 0:6 --eval-stories 6:9 --max-tokens 48 --ratios 0.5 --methods kqsvd" +
                              " --allocations uniform --window 0 --decode-tokens 4";
   const auto run = [&](const std::string& options, const std::string& report) {
