@@ -226,7 +226,7 @@ BENCHMARK_TEMPLATE(BM_DecodeFullCompute, Eigen::half)->Unit(benchmark::kMicrosec
 // formats once more with integer dot products, as "F+int8".
 std::vector<std::pair<std::string, kqsvd::DecodeArithmetic>> arithmetics(const kqsvd::StorageFormat& format) {
   std::vector<std::pair<std::string, kqsvd::DecodeArithmetic>> result = {{"", kqsvd::DecodeArithmetic::float32}};
-  if (format.code_bits() < 8) result.emplace_back("+int8", kqsvd::DecodeArithmetic::int8_dot_products);
+  if (kqsvd::int8_dot_products_apply(format)) result.emplace_back("+int8", kqsvd::DecodeArithmetic::int8_dot_products);
   return result;
 }
 

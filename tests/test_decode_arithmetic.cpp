@@ -370,6 +370,28 @@ TEST(IntegerDotProducts, LatentAttentionWithinTheQuantizationBoundAndPrefillUnch
   }
 }
 
+// int8_dot_products_apply says which formats the option reaches, checked against what the kernels do:
+// where it applies, a decode step over many tokens rounds differently from float arithmetic; where it
+// does not, the result is bit-identical.
+TEST(IntegerDotProducts, ApplyTellsWhichFormatsTheKernelsDecodeInIntegers) {
+  const RowMatrix<float> keys = gaussian(300, 64, 31).cast<float>(), values = gaussian(300, 64, 32).cast<float>();
+  const Eigen::RowVectorXf query = (gaussian(1, 64, 33) * 3.0).cast<float>();
+  int applied = 0;
+  for (const char* name : {"f32", "f16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0", "int4", "int2",
+                           "int4/16", "int2/16"}) {
+    SCOPED_TRACE(name);
+    const StorageFormat format = StorageFormat::parse(name);
+    kqsvd::HeadCache cache(64, 64, format);
+    cache.append(keys, values);
+    const Eigen::RowVectorXf integer = kqsvd::decode_attention(query, cache, kqsvd::DecodeArithmetic::int8_dot_products);
+    const Eigen::RowVectorXf exact = kqsvd::decode_attention(query, cache);
+    EXPECT_EQ(kqsvd::int8_dot_products_apply(format), (integer - exact).cwiseAbs().maxCoeff() != 0.0f);
+    EXPECT_EQ(kqsvd::int8_dot_products_apply(format), kqsvd::int8_dot_products_apply(format.kind()));
+    applied += kqsvd::int8_dot_products_apply(format) ? 1 : 0;
+  }
+  EXPECT_EQ(applied, 5);  // q4_0, int4, int2, int4/16, int2/16
+}
+
 TEST(IntegerDotProducts, ArithmeticNamesRoundTripAndUnknownNamesAreRefused) {
   for (const auto arithmetic : {kqsvd::DecodeArithmetic::float32, kqsvd::DecodeArithmetic::int8_dot_products}) {
     EXPECT_EQ(kqsvd::parse_decode_arithmetic(kqsvd::to_string(arithmetic)), arithmetic);

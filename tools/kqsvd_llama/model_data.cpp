@@ -93,9 +93,7 @@ CacheConfiguration latent_configuration(Method method, RopeMode rope, Eigen::Ind
 }
 
 bool takes_decode_arithmetic(const CacheConfiguration& configuration) {
-  const StorageKind kind = configuration.format.kind();
-  const bool packed = kind == StorageKind::q4_0 || kind == StorageKind::int4 || kind == StorageKind::int2;
-  return packed && !configuration.eviction && configuration.online_rank == 0 &&
+  return int8_dot_products_apply(configuration.format) && !configuration.eviction && configuration.online_rank == 0 &&
          (!configuration.method || configuration.rope == RopeMode::post_rope);
 }
 

@@ -353,7 +353,7 @@ int quality_command(const std::vector<std::string>& words) {
   const StorageFormat format = parse_format_name(args.value("--format").value_or("f32"), "--format");
   const DecodeArithmetic arithmetic =
       parse_arithmetic_name(args.value("--decode-arithmetic").value_or("float32"), "--decode-arithmetic");
-  if (arithmetic != DecodeArithmetic::float32 && !takes_decode_arithmetic(latent_configuration(Method::kq_svd, RopeMode::post_rope, 0, format))) {
+  if (arithmetic != DecodeArithmetic::float32 && !int8_dot_products_apply(format)) {
     throw UsageError("--decode-arithmetic " + std::string(to_string(arithmetic)) + " applies to q4_0, int4 and int2 latents, not --format " +
                      format.name());
   }

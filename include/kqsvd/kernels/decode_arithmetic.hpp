@@ -14,18 +14,20 @@
 //                       Each operand is off by at most half of 1/127 of its group's largest magnitude.
 //
 // It applies to the decode strategy (up to 16 queries sharing their rows, kernels/partial_attention.hpp)
-// on q4_0, int4 and int2 caches; other formats, and prefill, always compute in float. The speed-up
-// needs the AVX2 or AVX-512 VNNI kernels (compile with -mavx2 -mfma -mf16c, or -march=native): the
-// portable path is scalar and slower than float arithmetic (docs/end-to-end.md).
+// on q4_0, int4 and int2 caches (int8_dot_products_apply); other formats, and prefill, always compute in
+// float. The speed-up needs the AVX2 or AVX-512 VNNI kernels (compile with -mavx2 -mfma -mf16c, or
+// -march=native): the portable path is scalar and slower than float arithmetic (docs/end-to-end.md).
 //
 //   auto exact = kqsvd::decode_attention(q, cache);
 //   auto fast = kqsvd::decode_attention(q, cache, kqsvd::DecodeArithmetic::int8_dot_products);
 //   kqsvd::parse_decode_arithmetic("int8_dot_products");   // from a name, e.g. a command-line option
+//   kqsvd::int8_dot_products_apply(cache.format());         // false: the option changes nothing
 #pragma once
 
 #include <string>
 
 #include "kqsvd/core/error.hpp"
+#include "kqsvd/core/storage_format.hpp"
 
 namespace kqsvd {
 
@@ -42,5 +44,13 @@ inline DecodeArithmetic parse_decode_arithmetic(const std::string& name) {
   throw InvalidArgument("kqsvd::parse_decode_arithmetic: unknown decode arithmetic '" + name +
                         "' (expected float32 or int8_dot_products)");
 }
+
+// Whether DecodeArithmetic::int8_dot_products changes how a decode step on rows stored in this format
+// computes: for the 4- and 2-bit codes (q4_0, int4/B, int2/B). Every other format decodes in float
+// whichever arithmetic is asked for: its codes are already 8 or more bits wide (int8, q8_0, fp8) or float.
+constexpr bool int8_dot_products_apply(StorageKind kind) noexcept {
+  return kind == StorageKind::q4_0 || kind == StorageKind::int4 || kind == StorageKind::int2;
+}
+inline bool int8_dot_products_apply(const StorageFormat& format) noexcept { return int8_dot_products_apply(format.kind()); }
 
 }  // namespace kqsvd

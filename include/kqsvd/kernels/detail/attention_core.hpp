@@ -42,6 +42,7 @@
 #include "kqsvd/core/detail/validation.hpp"
 #include "kqsvd/core/matrix.hpp"
 #include "kqsvd/core/rope.hpp"
+#include "kqsvd/kernels/decode_arithmetic.hpp"
 
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -354,6 +355,20 @@ void group_scale(const std::uint8_t* block, const BlockLayout& layout, Index g, 
   }
 }
 
+// Asks for the cache line at `address`; a hint, never a fault, without effect where there is no builtin.
+inline void prefetch_line(const std::uint8_t* address) {
+#if defined(__GNUC__)
+  __builtin_prefetch(address, 0, 3);
+#else
+  static_cast<void>(address);
+#endif
+}
+
+// The lines of `bytes` bytes from `address` (a run of one element's codes: 32 to 512 bytes).
+inline void prefetch_run(const std::uint8_t* address, Index bytes) {
+  for (Index offset = 0; offset < bytes; offset += 64) prefetch_line(address + offset);
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // The decode strategy for one query, with AVX2 and FMA: codes are converted in registers, eight or more
 // tokens at a time, and multiplied in the same step -- never stored as floats and read again (measured: 1.5-3x
@@ -423,7 +438,7 @@ inline void load_fp8_codes16(const std::uint8_t* run, Index k, __m256* codes) {
 // raw[t] = sum over elements j in [first, last) of query[j] * code_j(t), for the block's tokens t.
 template <StorageKind Kind>
 inline void score_elements(const std::uint8_t* block, const BlockLayout& layout, const float* query, Index first,
-                           Index last, float* raw) {
+                           Index last, float* raw, Index next_block) {
   // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
   const std::uint8_t* runs = block + layout.run_offset(first);
   // Eight accumulators cover 64 tokens: two passes over the elements, their runs still in L1.
@@ -432,6 +447,7 @@ inline void score_elements(const std::uint8_t* block, const BlockLayout& layout,
     for (__m256& a : acc) a = _mm256_setzero_ps();
     for (Index j = first; j < last; ++j) {
       const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+      if (half == 0) prefetch_run(run + next_block, layout.run_bytes);
       const __m256 q = _mm256_set1_ps(query[j] * load_scale<Kind>);
       if constexpr (packed_kind<Kind>) {
         // Pass `half` reads 64 / fields bytes: 4-bit, bytes [32 half, 32 half + 32) hold tokens
@@ -470,11 +486,12 @@ inline void score_elements(const std::uint8_t* block, const BlockLayout& layout,
 // acc[j] += sum over the block's tokens t of weights[t] * code_j(t), for elements j in [first, last).
 template <StorageKind Kind>
 inline void accumulate_elements(const std::uint8_t* block, const BlockLayout& layout, const float* weights, Index first,
-                                Index last, float* acc) {
+                                Index last, float* acc, Index next_block) {
   // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
   const std::uint8_t* runs = block + layout.run_offset(first);
   for (Index j = first; j < last; ++j) {
     const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+    prefetch_run(run + next_block, layout.run_bytes);
     __m256 partial[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     if constexpr (packed_kind<Kind>) {
       constexpr int fields = fields_per_byte<Kind>;
@@ -522,6 +539,7 @@ inline void accumulate_elements(const std::uint8_t* block, const BlockLayout& la
 // round is to nearest, ties to even (the default rounding mode); an operand group whose largest
 // magnitude is below integer_operand_floor (2^-119) counts as zero. Integer sums are exact: the
 // portable path computes the same integers as the AVX2 one.
+// The kernels prefetch the next block as they go (`next_block`, see streams_next_block).
 
 // Below this largest magnitude 127 / max would overflow float: the operand is treated as zero.
 inline constexpr float integer_operand_floor = std::numeric_limits<float>::min() * 128.0f;
@@ -629,7 +647,7 @@ inline void split_codes(__m512i bytes, __m512i* codes) {
 // raw[t] = sum over the `count` elements e of q8[e] * code_e(t), runs `run_bytes` apart from `runs`.
 template <StorageKind Kind>
 inline void integer_scores_avx512(const std::uint8_t* runs, Index run_bytes, const std::int8_t* q8, Index count,
-                                  std::int32_t* raw) {
+                                  std::int32_t* raw, Index next_block) {
   // Four elements at a time: their run bytes interleaved (two unpacks of bytes, then of 16-bit pairs) so
   // that each 32-bit lane holds the four elements' bytes of one position p, then split into codes: one
   // vpdpbusd per split adds the four products of a token. sums[v][k], 32-bit lane i of 128-bit lane L:
@@ -641,6 +659,7 @@ inline void integer_scores_avx512(const std::uint8_t* runs, Index run_bytes, con
   // The packed formats' groups are multiples of 4 elements (StorageFormat checks their block sizes).
   for (Index e = 0; e < count; e += 4) {
     __m512i bytes[4];
+    for (Index i = 0; i < 4; ++i) prefetch_line(runs + (e + i) * run_bytes + next_block);
     for (Index i = 0; i < 4; ++i) bytes[i] = load_run<Kind>(runs + (e + i) * run_bytes);
     std::int32_t operands = 0;
     std::memcpy(&operands, q8 + e, 4);  // byte i of each lane weighs element e + i (little-endian)
@@ -693,7 +712,7 @@ inline __m512i horizontal_sums16(const __m512i* sums) {
 // sums[e] = sum over the block's tokens t of w8[t] * code_e(t), for the `count` elements e.
 template <StorageKind Kind>
 inline void integer_sums_avx512(const std::uint8_t* runs, Index run_bytes, const std::int8_t* w8, Index count,
-                                std::int32_t* sums) {
+                                std::int32_t* sums, Index next_block) {
   // split_codes gives tokens in order: a run's codes meet the weights of tokens [0, 64) and [64, 128).
   const __m512i weights[2] = {_mm512_loadu_si512(w8), _mm512_loadu_si512(w8 + 64)};
   const auto partial = [&](Index e) {
@@ -704,10 +723,14 @@ inline void integer_sums_avx512(const std::uint8_t* runs, Index run_bytes, const
   Index e = 0;
   for (; e + 16 <= count; e += 16) {
     __m512i partials[16];
+    for (int i = 0; i < 16; ++i) prefetch_line(runs + (e + i) * run_bytes + next_block);
     for (int i = 0; i < 16; ++i) partials[i] = partial(e + i);
     _mm512_storeu_si512(sums + e, horizontal_sums16(partials));
   }
-  for (; e < count; ++e) sums[e] = _mm512_reduce_add_epi32(partial(e));
+  for (; e < count; ++e) {
+    prefetch_line(runs + e * run_bytes + next_block);
+    sums[e] = _mm512_reduce_add_epi32(partial(e));
+  }
 }
 #else
 inline constexpr bool integer_kernels_avx512 = false;
@@ -716,11 +739,11 @@ inline constexpr bool integer_kernels_avx512 = false;
 // raw[t] = sum over elements j in [first, last) of q8[j - first] * code_j(t), for the block's tokens t.
 template <StorageKind Kind>
 inline void integer_scores(const std::uint8_t* block, const BlockLayout& layout, const std::int8_t* q8, Index first,
-                           Index last, std::int32_t* raw) {
+                           Index last, std::int32_t* raw, Index next_block) {
   // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
   const std::uint8_t* runs = block + layout.run_offset(first);
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  integer_scores_avx512<Kind>(runs, layout.run_bytes, q8, last - first, raw);
+  integer_scores_avx512<Kind>(runs, layout.run_bytes, q8, last - first, raw, next_block);
 #elif defined(__AVX2__)
   // Elements go in pairs: their codes interleaved byte by byte, one maddubs gives per token
   // c_j(t) q8_j + c_j+1(t) q8_j+1 in 16 bits, at most 2 * 15 * 127 (4-bit) or 2 * 3 * 127 (2-bit); the
@@ -748,6 +771,10 @@ inline void integer_scores(const std::uint8_t* block, const BlockLayout& layout,
     for (Index j = first; j < last; j += 2) {
       const bool pair = j + 1 < last;
       __m256i a[2], b[2];
+      if (half == 0) {
+        prefetch_line(runs + (j - first) * layout.run_bytes + next_block);
+        prefetch_line(runs + ((pair ? j + 1 : j) - first) * layout.run_bytes + next_block);
+      }
       load_packed_bytes<Kind>(runs + (j - first) * layout.run_bytes, half, a);
       // An odd last element is paired with itself at weight zero.
       load_packed_bytes<Kind>(runs + ((pair ? j + 1 : j) - first) * layout.run_bytes, half, b);
@@ -778,6 +805,7 @@ inline void integer_scores(const std::uint8_t* block, const BlockLayout& layout,
   std::fill(raw, raw + block_rows, 0);
   for (Index j = first; j < last; ++j) {
     const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+    prefetch_line(run + next_block);
     const int weight = q8[j - first];
     for (Index t = 0; t < block_rows; ++t) raw[t] += weight * packed_code<Kind>(run, t);
   }
@@ -787,11 +815,11 @@ inline void integer_scores(const std::uint8_t* block, const BlockLayout& layout,
 // sums[j - first] = sum over the block's tokens t of w8[t] * code_j(t), for elements j in [first, last).
 template <StorageKind Kind>
 inline void integer_sums(const std::uint8_t* block, const BlockLayout& layout, const std::int8_t* w8, Index first,
-                         Index last, std::int32_t* sums) {
+                         Index last, std::int32_t* sums, Index next_block) {
   // Elements [first, last) lie in one scale group: their runs follow one another (run_offset divides).
   const std::uint8_t* runs = block + layout.run_offset(first);
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  integer_sums_avx512<Kind>(runs, layout.run_bytes, w8, last - first, sums);
+  integer_sums_avx512<Kind>(runs, layout.run_bytes, w8, last - first, sums, next_block);
 #elif defined(__AVX2__)
   __m256i weights[4];
   for (int k = 0; k < 4; ++k) weights[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8 + 32 * k));
@@ -813,6 +841,7 @@ inline void integer_sums(const std::uint8_t* block, const BlockLayout& layout, c
   Index j = first;
   for (; j + 8 <= last; j += 8) {
     __m256i e[8];
+    for (int i = 0; i < 8; ++i) prefetch_line(runs + (j + i - first) * layout.run_bytes + next_block);
     for (int i = 0; i < 8; ++i) e[i] = partial(j + i);
     // Horizontal adds within 128-bit lanes, then the two lanes: the 8 elements' totals in order.
     const __m256i x = _mm256_hadd_epi32(_mm256_hadd_epi32(e[0], e[1]), _mm256_hadd_epi32(e[2], e[3]));
@@ -821,6 +850,7 @@ inline void integer_sums(const std::uint8_t* block, const BlockLayout& layout, c
                         _mm256_add_epi32(_mm256_permute2x128_si256(x, y, 0x20), _mm256_permute2x128_si256(x, y, 0x31)));
   }
   for (; j < last; ++j) {
+    prefetch_line(runs + (j - first) * layout.run_bytes + next_block);
     const __m256i p = partial(j);
     const __m128i four = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
     const __m128i two = _mm_add_epi32(four, _mm_unpackhi_epi64(four, four));
@@ -829,6 +859,7 @@ inline void integer_sums(const std::uint8_t* block, const BlockLayout& layout, c
 #else
   for (Index j = first; j < last; ++j) {
     const std::uint8_t* run = runs + (j - first) * layout.run_bytes;
+    prefetch_line(run + next_block);
     std::int32_t sum = 0;
     for (Index t = 0; t < block_rows; ++t) sum += w8[t] * packed_code<Kind>(run, t);
     sums[j - first] = sum;
@@ -855,6 +886,7 @@ struct BlockScratch {
   std::vector<std::int32_t> query_code_sums;
   std::vector<std::int8_t> operand_codes;
   std::vector<std::int32_t> integer_results;
+  bool next_block_follows = false;  // the task reads the block after this one (see streams_next_block)
 
   void reserve_integer(Index count) {
     if (static_cast<Index>(operand_codes.size()) < count) {
@@ -905,13 +937,27 @@ void expand_block(const BlockedSide& side, Index b, float* buffer) {
 // decode reads each block once, in order, but a block spans several 4 KiB pages, where the hardware's
 // stream prefetchers stop; without this, memory and arithmetic took turns (bench/README.md).
 inline void prefetch_block(const BlockedSide& side, Index b) {
-#if defined(__GNUC__)
   const std::uint8_t* block = side.block(b);
-  for (Index offset = 0; offset < side.layout.block_bytes; offset += 64) __builtin_prefetch(block + offset, 0, 3);
-#else
-  static_cast<void>(side);
-  static_cast<void>(b);
+  for (Index offset = 0; offset < side.layout.block_bytes; offset += 64) prefetch_line(block + offset);
+}
+
+// Whether a decode step's kernels prefetch the next block themselves: the integer ones, and the AVX2
+// ones for a single query; the others are given prefetch_block. Those kernels take `next_block`, the
+// distance in bytes to the block the task reads next (0: none), and ask for the next block's line at
+// the same place as each line they read. Asking for a whole block at once stalls the core once its
+// line-fill buffers are full, until the block has all but arrived: where a block's arithmetic takes
+// about as long as its bytes (4- and 2-bit codes, 8-bit codes widened to float), memory and arithmetic
+// then took turns; one line at a time they overlap (bench/README.md).
+constexpr bool streams_next_block(StorageKind kind, bool integer_dot_products, Index queries) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if (queries == 1) return true;
 #endif
+  return int8_dot_products_apply(kind) && integer_dot_products && queries > 0;
+}
+
+// The scales and minimums of group g of the block `next_block` bytes after `block`.
+inline void prefetch_group_side(const std::uint8_t* block, const BlockLayout& layout, Index g, Index next_block) {
+  for (Index offset = 0; offset < layout.side_bytes; offset += 64) prefetch_line(block + layout.scale_offset(g) + next_block + offset);
 }
 
 template <StorageKind Kind>
@@ -921,6 +967,9 @@ struct BlockedKeys {
   BlockedSide side;
   // Decode strategy on 4- and 2-bit codes: integer dot products with the query quantized to int8.
   bool integer_dot_products = false;
+  // Whether score() asks for the next block itself, line by line as it reads this one: the integer
+  // kernels and, for one query, the AVX2 ones.
+  bool prefetches_next_block(Index queries) const { return streams_next_block(Kind, integer_dot_products, queries); }
 
   Index width() const { return side.layout.width; }
   Index size() const { return side.rows; }
@@ -929,13 +978,14 @@ struct BlockedKeys {
   // block_rows lanes (the caller masks the rows it does not use); `scores` holds block_rows per query.
   // A chunk of runs is converted once and multiplied by every query: vertical multiply-adds.
   void score(Index first, Index count, const RowMatrix<float>& queries, float* scores, BlockScratch& scratch) const {
-    if constexpr (packed_kind<Kind>) {
+    if constexpr (int8_dot_products_apply(Kind)) {
       if (integer_dot_products) return integer_score(first, queries, scores, scratch);
     }
     static_cast<void>(count);
     const std::uint8_t* block = side.block(first / block_rows);
     const BlockLayout& layout = side.layout;
     const Index m = queries.rows();
+    [[maybe_unused]] const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
     Eigen::Map<Eigen::MatrixXf> all_scores(scores, block_rows, m);
     all_scores.setZero();
     // Unscaled formats: one group of the whole row, no scale to apply.
@@ -945,7 +995,8 @@ struct BlockedKeys {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
       if (m == 1) {
         float* target = scaled_kind(Kind) ? scratch.raw.data() : scratch.chunk;
-        score_elements<Kind>(block, layout, queries.data(), g * group, (g + 1) * group, target);
+        prefetch_group_side(block, layout, g, next_block);
+        score_elements<Kind>(block, layout, queries.data(), g * group, (g + 1) * group, target, next_block);
         if constexpr (!scaled_kind(Kind)) LaneMap{scores} += ConstLaneMap(target);
       } else
 #endif
@@ -979,7 +1030,7 @@ struct BlockedKeys {
   // Before the decode strategy's first block: with integer dot products, the queries quantized once for
   // every block of the task (one per 2048 tokens: m <= 16 rows of d, small next to the task's blocks).
   void prepare(const RowMatrix<float>& queries, BlockScratch& scratch) const {
-    if (!packed_kind<Kind> || !integer_dot_products) return;
+    if (!int8_dot_products_apply(Kind) || !integer_dot_products) return;
     const Index m = queries.rows(), width = side.layout.width, group = side.layout.group, groups = side.layout.groups();
     scratch.query_codes.resize(static_cast<std::size_t>(m * width));
     scratch.query_steps.resize(static_cast<std::size_t>(m * groups));
@@ -1001,15 +1052,17 @@ struct BlockedKeys {
     const Index group = layout.group, groups = layout.groups(), m = queries.rows();
     scratch.reserve_integer(block_rows);
     std::int32_t* raw = scratch.integer_results.data();
+    const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
     Eigen::Map<Eigen::MatrixXf>(scores, block_rows, m).setZero();
     for (Index g = 0; g < groups; ++g) {
+      prefetch_group_side(block, layout, g, next_block);
       group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
       for (Index q = 0; q < m; ++q) {
         const auto at = static_cast<std::size_t>(q * groups + g);
         const float step = scratch.query_steps[at];
         if (step == 0.0f) continue;
         integer_scores<Kind>(block, layout, scratch.query_codes.data() + q * layout.width + g * group, g * group,
-                             (g + 1) * group, raw);
+                             (g + 1) * group, raw, next_block);
         LaneMap{scores + q * block_rows} +=
             ConstLaneMap(scratch.scale) * (step * Eigen::Map<const Eigen::Array<std::int32_t, block_rows, 1>>(raw).cast<float>()) +
             ConstLaneMap(scratch.offset) * (step * static_cast<float>(scratch.query_code_sums[at]));
@@ -1033,6 +1086,7 @@ struct BlockedValues {
   BlockedSide side;
   // Decode strategy on 4- and 2-bit codes: integer dot products with the weights quantized to int8.
   bool integer_dot_products = false;
+  bool prefetches_next_block(Index queries) const { return streams_next_block(Kind, integer_dot_products, queries); }
 
   Index width() const { return side.layout.width; }
 
@@ -1041,12 +1095,13 @@ struct BlockedValues {
   // dot products interleaved, their reductions overlapping), with the group's scales folded into the
   // weights.
   void accumulate(Index first, Index /*count*/, const float* weights, RowMatrix<float>& acc, BlockScratch& scratch) const {
-    if constexpr (packed_kind<Kind>) {
+    if constexpr (int8_dot_products_apply(Kind)) {
       if (integer_dot_products) return integer_accumulate(first, weights, acc, scratch);
     }
     const std::uint8_t* block = side.block(first / block_rows);
     const BlockLayout& layout = side.layout;
     const Index m = acc.rows();
+    [[maybe_unused]] const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
     const Index group = scaled_kind(Kind) ? layout.group : layout.width;
     if (scaled_kind(Kind)) scratch.raw.resize(block_rows, m);
     for (Index g = 0; g * group < layout.width; ++g) {
@@ -1063,7 +1118,8 @@ struct BlockedValues {
       const Eigen::Map<const Eigen::MatrixXf> scaled_weights(scaled_kind(Kind) ? scratch.raw.data() : weights, block_rows, m);
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
       if (m == 1) {
-        accumulate_elements<Kind>(block, layout, scaled_weights.data(), g * group, (g + 1) * group, acc.data());
+        prefetch_group_side(block, layout, g, next_block);
+        accumulate_elements<Kind>(block, layout, scaled_weights.data(), g * group, (g + 1) * group, acc.data(), next_block);
         continue;
       }
 #endif
@@ -1088,7 +1144,9 @@ struct BlockedValues {
     alignas(64) float scaled[block_rows];
     std::int8_t* weight_codes = scratch.operand_codes.data();
     std::int32_t* sums = scratch.integer_results.data();
+    const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
     for (Index g = 0; g < layout.groups(); ++g) {
+      prefetch_group_side(block, layout, g, next_block);
       group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
       for (Index q = 0; q < acc.rows(); ++q) {
         const ConstLaneMap query_weights(weights + q * block_rows);
@@ -1097,7 +1155,7 @@ struct BlockedValues {
         LaneMap{scaled} = query_weights * ConstLaneMap(scratch.scale);
         const float step = quantize_to_int8(scaled, block_rows, weight_codes);
         if (step == 0.0f) continue;
-        integer_sums<Kind>(block, layout, weight_codes, g * group, (g + 1) * group, sums);
+        integer_sums<Kind>(block, layout, weight_codes, g * group, (g + 1) * group, sums, next_block);
         target += step * Eigen::Map<const Eigen::Array<std::int32_t, 1, Eigen::Dynamic>>(sums, group).cast<float>();
       }
     }
@@ -1166,10 +1224,10 @@ void attend_decode(const Keys& keys, const Values& values, const RowMatrix<float
     const Index count = std::min(tile, keys.size() - first);
     float* scores = scratch.scores.data();
     if constexpr (Keys::tile_rows == block_rows) {
-      if (first + tile < end) {
-        prefetch_block(keys.side, first / tile + 1);
-        prefetch_block(values.side, first / tile + 1);
-      }
+      const bool next = first + tile < end;
+      if (next && !keys.prefetches_next_block(m)) prefetch_block(keys.side, first / tile + 1);
+      if (next && !values.prefetches_next_block(m)) prefetch_block(values.side, first / tile + 1);
+      scratch.block.next_block_follows = next;
       keys.score(first, count, queries, scores, scratch.block);
     } else {
       keys.score(first, count, queries, scores, scratch.keys.data());
