@@ -364,7 +364,7 @@ inline void prefetch_line(const std::uint8_t* address) {
 #endif
 }
 
-// The lines of `bytes` bytes from `address` (a run of one element's codes: 32 to 512 bytes).
+// The lines of `bytes` bytes from `address` (a run of one element's codes, a group's scales, a block).
 inline void prefetch_run(const std::uint8_t* address, Index bytes) {
   for (Index offset = 0; offset < bytes; offset += 64) prefetch_line(address + offset);
 }
@@ -888,6 +888,9 @@ struct BlockScratch {
   std::vector<std::int32_t> integer_results;
   bool next_block_follows = false;  // the task reads the block after this one (see streams_next_block)
 
+  // The kernels' `next_block` for a side of this layout: the distance to the next block, 0 when none.
+  Index next_block(const BlockLayout& layout) const { return next_block_follows ? layout.block_bytes : 0; }
+
   void reserve_integer(Index count) {
     if (static_cast<Index>(operand_codes.size()) < count) {
       operand_codes.resize(static_cast<std::size_t>(count));
@@ -937,8 +940,7 @@ void expand_block(const BlockedSide& side, Index b, float* buffer) {
 // decode reads each block once, in order, but a block spans several 4 KiB pages, where the hardware's
 // stream prefetchers stop; without this, memory and arithmetic took turns (bench/README.md).
 inline void prefetch_block(const BlockedSide& side, Index b) {
-  const std::uint8_t* block = side.block(b);
-  for (Index offset = 0; offset < side.layout.block_bytes; offset += 64) prefetch_line(block + offset);
+  prefetch_run(side.block(b), side.layout.block_bytes);
 }
 
 // Whether a decode step's kernels prefetch the next block themselves: the integer ones, and the AVX2
@@ -948,16 +950,16 @@ inline void prefetch_block(const BlockedSide& side, Index b) {
 // line-fill buffers are full, until the block has all but arrived: where a block's arithmetic takes
 // about as long as its bytes (4- and 2-bit codes, 8-bit codes widened to float), memory and arithmetic
 // then took turns; one line at a time they overlap (bench/README.md).
-constexpr bool streams_next_block(StorageKind kind, bool integer_dot_products, Index queries) {
+constexpr bool streams_next_block(StorageKind kind, bool integer_dot_products, [[maybe_unused]] Index queries) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   if (queries == 1) return true;
 #endif
-  return int8_dot_products_apply(kind) && integer_dot_products && queries > 0;
+  return int8_dot_products_apply(kind) && integer_dot_products;
 }
 
 // The scales and minimums of group g of the block `next_block` bytes after `block`.
 inline void prefetch_group_side(const std::uint8_t* block, const BlockLayout& layout, Index g, Index next_block) {
-  for (Index offset = 0; offset < layout.side_bytes; offset += 64) prefetch_line(block + layout.scale_offset(g) + next_block + offset);
+  prefetch_run(block + layout.scale_offset(g) + next_block, layout.side_bytes);
 }
 
 template <StorageKind Kind>
@@ -985,7 +987,7 @@ struct BlockedKeys {
     const std::uint8_t* block = side.block(first / block_rows);
     const BlockLayout& layout = side.layout;
     const Index m = queries.rows();
-    [[maybe_unused]] const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
+    [[maybe_unused]] const Index next_block = scratch.next_block(layout);
     Eigen::Map<Eigen::MatrixXf> all_scores(scores, block_rows, m);
     all_scores.setZero();
     // Unscaled formats: one group of the whole row, no scale to apply.
@@ -1052,7 +1054,7 @@ struct BlockedKeys {
     const Index group = layout.group, groups = layout.groups(), m = queries.rows();
     scratch.reserve_integer(block_rows);
     std::int32_t* raw = scratch.integer_results.data();
-    const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
+    const Index next_block = scratch.next_block(layout);
     Eigen::Map<Eigen::MatrixXf>(scores, block_rows, m).setZero();
     for (Index g = 0; g < groups; ++g) {
       prefetch_group_side(block, layout, g, next_block);
@@ -1101,7 +1103,7 @@ struct BlockedValues {
     const std::uint8_t* block = side.block(first / block_rows);
     const BlockLayout& layout = side.layout;
     const Index m = acc.rows();
-    [[maybe_unused]] const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
+    [[maybe_unused]] const Index next_block = scratch.next_block(layout);
     const Index group = scaled_kind(Kind) ? layout.group : layout.width;
     if (scaled_kind(Kind)) scratch.raw.resize(block_rows, m);
     for (Index g = 0; g * group < layout.width; ++g) {
@@ -1144,7 +1146,7 @@ struct BlockedValues {
     alignas(64) float scaled[block_rows];
     std::int8_t* weight_codes = scratch.operand_codes.data();
     std::int32_t* sums = scratch.integer_results.data();
-    const Index next_block = scratch.next_block_follows ? layout.block_bytes : 0;
+    const Index next_block = scratch.next_block(layout);
     for (Index g = 0; g < layout.groups(); ++g) {
       prefetch_group_side(block, layout, g, next_block);
       group_scale<Kind>(block, layout, g, scratch.scale, scratch.offset);
